@@ -1,0 +1,1 @@
+"""buildseg: a competition pipeline for building extraction (decode RLE -> folds -> train -> submit)."""

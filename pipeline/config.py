@@ -1,0 +1,340 @@
+"""One frozen, typed configuration per run.
+
+A run is described by :class:`Config`, a tree of frozen dataclasses. It is loaded from YAML
+(``configs/*.yaml``), changed with ``section.key=value`` overrides from the command line, saved as
+YAML next to every checkpoint *and* inside it (as a plain dict), so inference rebuilds the model
+from the checkpoint alone.
+
+Unknown keys are errors that name the closest valid key: a typo in a config must never be
+silently ignored (``optim.lr_max=1e-3`` would otherwise train with the default rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.io import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it is read.
+
+    ``layout`` picks a reader from ``pipeline.layouts.LAYOUTS`` (competition CSV, VOC, Cityscapes).
+    ``folds_csv`` empty means ``<root>/folds.csv``.
+    """
+
+    root: str = "data/demo"
+    layout: str = "competition"
+    train_dir: str = "train"
+    mask_csv: str = "train_mask.csv"
+    test_dir: str = "test_a"
+    sample_csv: str = "test_a_samplesubmit.csv"
+    test_mask_csv: str = "test_a_mask.csv"
+    folds_csv: str = ""
+    group_csv: str = ""  # optional CSV with columns name, group (e.g. manifest.csv); folds are grouped by it
+    colormap_json: str = ""  # multi-class layouts: class id -> name and colour
+    n_folds: int = 5
+    image_size: int = 512  # tiles are expected at this size; masks are never resized except nearest
+    num_workers: int = 2
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture from the registry in ``pipeline.models``."""
+
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None  # None, "imagenet" (needs internet) or a path to a local .pth/.safetensors
+    classes: int = 1
+    in_channels: int = 3
+    output_stride: int = 16  # DeepLabV3+ only: 8 or 16
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """CE + Dice. Binary (classes=1): BCE-with-logits + soft Dice; multi-class: softmax CE + soft Dice."""
+
+    ce_weight: float = 0.5
+    dice_weight: float = 0.5
+    ignore_index: int | None = None  # multi-class only, e.g. 255 for VOC borders
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``lr * min_lr_ratio``."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """Training augmentation (albumentations); validation and test get normalisation only."""
+
+    d4: bool = True  # flips + 90 degree rotations
+    shift_scale_rotate_p: float = 0.5
+    shift_limit: float = 0.0625
+    scale_limit: float = 0.2
+    rotate_limit: int = 30
+    color_p: float = 0.5
+    brightness_limit: float = 0.2
+    contrast_limit: float = 0.2
+    hue_shift_limit: int = 10
+    sat_shift_limit: int = 15
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 40
+    batch_size: int = 16
+    seed: int = 42
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "bf16"  # bf16 | fp16 | none; only used on CUDA (CPU trains in fp32)
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    patience: int = 0  # early stopping on validation Dice; 0 = off
+    max_steps_per_epoch: int = 0  # 0 = full epoch; small values make tests and smoke runs fast
+    ema: float = 0.0  # EMA decay of weights for validation/checkpoints; 0 = off
+    runs_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Defaults for OOF post-processing search and submission."""
+
+    tta: str = "d4"  # none | flip | d4
+    batch_size: int = 16
+    threshold: float = 0.5  # replaced by the OOF-tuned value in the manifest
+    min_area: int = 0  # replaced by the OOF-tuned value in the manifest
+    thresholds: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+    min_areas: tuple[int, ...] = (0, 16, 32, 64, 128, 256)
+    tile_size: int = 512  # sliding-window prediction on large scenes
+    overlap: int = 128
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. ``name`` empty means derived from the model and loss (see :func:`run_name`)."""
+
+    name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+def run_name(cfg: Config) -> str:
+    """The run folder's name: ``cfg.name`` or ``<arch>-<encoder>-<loss>`` (e.g. ``unet-resnet34-ce_dice``)."""
+    if cfg.name:
+        return cfg.name
+    parts = []
+    if cfg.loss.ce_weight:
+        parts.append("ce")
+    if cfg.loss.dice_weight:
+        parts.append("dice")
+    return f"{cfg.model.arch.lower()}-{cfg.model.encoder}-{'_'.join(parts) or 'noloss'}"
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of builtins (tuples become lists) — safe for YAML and ``torch.load(weights_only=True)``."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/override value to the annotated type ``tp`` or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot use {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if value is None:
+            raise ConfigError(f"{where}: expected a string, got null")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - config types are fixed
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a (partial) nested dict; missing keys take defaults, unknown keys fail."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in valid:
+            raise _unknown_key(key, valid, where)
+        tp = hints[key]
+        sub = f"{where}.{key}" if where != "config" else key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, sub)
+        else:
+            kwargs[key] = _coerce(value, tp, sub)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- YAML + overrides
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.epochs=3", "model.arch=FPN"]`` -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.epochs=3)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (YAML; None = defaults), apply ``section.key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; pick one of configs/*.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, model:, ...)")
+    data = _merge(data, parse_overrides(list(overrides)))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    problems = []
+    if cfg.model.classes < 1:
+        problems.append("model.classes must be >= 1 (1 = binary buildings)")
+    if cfg.data.n_folds < 2:
+        problems.append("data.n_folds must be >= 2")
+    if cfg.train.amp not in ("bf16", "fp16", "none"):
+        problems.append(f"train.amp must be bf16, fp16 or none, not {cfg.train.amp!r}")
+    if cfg.infer.tta not in ("none", "flip", "d4"):
+        problems.append(f"infer.tta must be none, flip or d4, not {cfg.infer.tta!r}")
+    if cfg.model.output_stride not in (8, 16):
+        problems.append("model.output_stride must be 8 or 16")
+    if cfg.loss.ce_weight < 0 or cfg.loss.dice_weight < 0 or cfg.loss.ce_weight + cfg.loss.dice_weight == 0:
+        problems.append("loss.ce_weight and loss.dice_weight must be >= 0 and not both 0")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        problems.append("train.epochs and train.batch_size must be >= 1")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by :func:`to_dict` (e.g. from inside a checkpoint)."""
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
