@@ -1,0 +1,361 @@
+"""The data layer: the competition layout, decoded-once masks, and a torch Dataset.
+
+Layout (competition)::
+
+    <root>/train/*.jpg                  RGB tiles, 512x512
+    <root>/train_mask.csv               TAB-separated, no header: name<TAB>rle (empty = no building)
+    <root>/test_a/*.jpg
+    <root>/test_a_samplesubmit.csv      name<TAB> for every test tile, in submission order
+    <root>/test_a_mask.csv              optional ground truth for test_a, same format as train_mask.csv
+
+Masks are decoded once per data set into a uint8 memmap cache ([N, H, W], 0/1 or class ids) and
+shared by every DataLoader worker and epoch; the cache key is the CSV's content hash, so an edited
+CSV is decoded again. Masks are only ever resized with nearest-neighbour (see ``build_transforms``).
+
+Images travel as uint8 [3, H, W] tensors: normalisation happens on the device inside the model
+(``pipeline.models.SegModel``), which makes host-to-device copies 4x smaller than float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline import rle
+from pipeline.config import AugConfig
+
+# Batch keys: one spelling everywhere.
+IMAGE, MASK, NAME, INDEX = "image", "mask", "name", "index"
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file/row and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_mask_csv(path: str | Path, require_rle: bool = True) -> pd.DataFrame:
+    """Read a competition CSV (``name<TAB>rle``, no header) into a frame with str columns name, rle.
+
+    A BOM and CRLF line ends are tolerated (``check_data`` warns about them); a comma-separated
+    file, a header row, duplicate names or a missing TAB are errors naming the row.
+    ``require_rle=False`` reads a sample submission whose rle column may be absent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: expected a TAB-separated name<TAB>rle file (no header)")
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    names, rles, problems = [], [], []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            if "," in line:
+                problems.append(f"{path}, row {i}: no TAB but a comma; the file must be TAB-separated")
+            elif require_rle:
+                problems.append(f"{path}, row {i}: no TAB; expected name<TAB>rle")
+            names.append(line.strip())
+            rles.append("")
+            continue
+        name, value = line.split("\t", 1)
+        names.append(name.strip())
+        rles.append(value.strip())
+    if names and Path(names[0]).suffix.lower() not in IMAGE_SUFFIXES and not rles[0][:1].isdigit():
+        problems.insert(0, f"{path}, row 1: '{names[0]}' looks like a header row; delete it (no header)")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names, start=1):
+        if n in seen:
+            problems.append(f"{path}, row {i}: duplicate name {n} (first at row {seen[n]}); keep one")
+        seen.setdefault(n, i)
+    if problems:
+        raise DataError("\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else ""))
+    return pd.DataFrame({"name": pd.Series(names, dtype=object), "rle": pd.Series(rles, dtype=object)})
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as uint8 RGB [H, W, 3].
+
+    Grayscale, palette, RGBA and 16-bit images are converted (with a warning): users' tiles come
+    from many exporters, and refusing them would be worse than a one-line notice.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "RGB":
+                return np.asarray(im)
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im).astype(np.float32)
+                hi = max(float(arr.max()), 1.0)
+                arr8 = (arr * (255.0 / (65535.0 if hi > 255 else 255.0))).clip(0, 255).astype(np.uint8)
+                warnings.warn(f"{path}: {mode} image converted to 8-bit RGB", stacklevel=2)
+                return np.repeat(arr8[..., None], 3, axis=2)
+            warnings.warn(f"{path}: {mode} image converted to RGB", stacklevel=2)
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path} is not a readable image ({e}); re-export or remove it") from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image from its header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, SyntaxError) as e:
+        raise DataError(f"{path} is not a readable image ({e}); re-export or remove it") from None
+    return h, w
+
+
+def list_images(folder: str | Path) -> list[str]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def check_listed_images(folder: Path, names: Sequence[str], csv_path: Path) -> None:
+    """Every listed image must exist; report all missing (and unlisted) files at once."""
+    present = set(list_images(folder))
+    missing = [n for n in names if n not in present]
+    unlisted = sorted(present - set(names))
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        extra = f"; {len(unlisted)} images in the folder are not listed" if unlisted else ""
+        raise DataError(
+            f"{len(missing)} image(s) listed in {csv_path} are missing from {folder}/: {shown}{extra}. "
+            "Restore the files or remove their rows (python -m pipeline.check_data DATA lists every problem)"
+        )
+    if unlisted:
+        warnings.warn(
+            f"{len(unlisted)} image(s) in {folder}/ are not listed in {csv_path} and are ignored: "
+            + ", ".join(unlisted[:5]),
+            stacklevel=2,
+        )
+
+
+# ----------------------------------------------------------------------------- masks, decoded once
+
+
+def cache_dir() -> Path:
+    """Where decoded masks are cached: $BUILDSEG_CACHE or ./.cache/buildseg (the data folder may be read-only)."""
+    return Path(os.environ.get("BUILDSEG_CACHE", ".cache/buildseg"))
+
+
+def decode_masks(
+    rles: Sequence[str], shape: tuple[int, int], source: str, names: Sequence[str] | None = None
+) -> np.ndarray:
+    """Decode a column of RLE strings once into a read-only uint8 memmap [N, H, W] (cached by content).
+
+    The memmap is shared by DataLoader workers through the page cache, so N masks cost their size
+    once, not once per worker; a 17k-tile Inria split (4.5 GB of masks) never needs to fit in RAM.
+    """
+    h = hashlib.sha1(f"{shape}".encode())
+    for r in rles:
+        h.update(r.encode())
+        h.update(b"\n")
+    n = len(rles)
+    path = cache_dir() / f"masks-{h.hexdigest()[:16]}-{n}x{shape[0]}x{shape[1]}.u8"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+            rle.decode_many(rles, shape, out=out, source=source, names=names)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return np.load(path, mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Split:
+    """One split of a data set: names, image files and (if known) masks.
+
+    ``masks`` is indexable by position and yields uint8 [H, W] arrays of class ids (binary: 0/1;
+    255 may mean ignore in multi-class layouts); an ``np.ndarray`` [N, H, W] for the competition.
+    """
+
+    names: list[str]
+    image_paths: list[Path]
+    masks: Sequence[np.ndarray] | np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, idx: Sequence[int]) -> Split:
+        idx = list(idx)
+        masks = None
+        if self.masks is not None:
+            masks = self.masks[np.asarray(idx)] if isinstance(self.masks, np.ndarray) else _Take(self.masks, idx)
+        return Split([self.names[i] for i in idx], [self.image_paths[i] for i in idx], masks)
+
+    def building_fraction(self) -> np.ndarray:
+        """Fraction of foreground pixels per tile, float [N] (for folds and notebooks)."""
+        if self.masks is None:
+            raise DataError("this split has no masks")
+        return np.array([float((self.masks[i] == 1).mean()) for i in range(len(self))])
+
+
+class _Take:
+    """A lazy view ``seq[idx[i]]`` for mask sequences that are not arrays."""
+
+    def __init__(self, seq: Sequence[np.ndarray], idx: list[int]):
+        self.seq, self.idx = seq, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.seq[self.idx[i]]
+
+
+def load_labelled(root: Path, image_dir: str, csv_name: str) -> Split:
+    """A labelled split of the competition layout: images in ``root/image_dir``, RLE in ``root/csv_name``."""
+    csv_path = root / csv_name
+    df = read_mask_csv(csv_path)
+    names = df["name"].tolist()
+    folder = root / image_dir
+    check_listed_images(folder, names, csv_path)
+    if not names:
+        raise DataError(f"{csv_path} lists no tiles")
+    shape = image_size(folder / names[0])
+    masks = decode_masks(df["rle"].tolist(), shape, source=str(csv_path), names=names)
+    return Split(names, [folder / n for n in names], masks)
+
+
+def load_unlabelled(root: Path, image_dir: str, sample_csv: str) -> Split:
+    """The test split in submission order, from the sample submission (or the folder if it is absent)."""
+    csv_path = root / sample_csv
+    folder = root / image_dir
+    if csv_path.is_file():
+        names = read_mask_csv(csv_path, require_rle=False)["name"].tolist()
+        check_listed_images(folder, names, csv_path)
+    else:
+        names = list_images(folder)
+        if not names:
+            raise DataError(f"no {sample_csv} and no images in {folder}/: nothing to predict")
+    return Split(names, [folder / n for n in names], None)
+
+
+# ----------------------------------------------------------------------------- torch Dataset
+
+
+def _sample_seed(base: int, epoch: int, index: int) -> int:
+    """A seed per (run seed, epoch, sample): augmentation is identical whatever the number of workers."""
+    return zlib.crc32(f"{base}:{epoch}:{index}".encode()) & 0x7FFFFFFF
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Images (and masks) with albumentations applied to both together.
+
+    Items are dicts: ``IMAGE`` uint8 [3, H, W], ``MASK`` uint8 [H, W] (absent without masks),
+    ``NAME`` str, ``INDEX`` int. Augmentation is seeded per sample from ``(seed, epoch, index)``,
+    so runs are reproducible with any number of DataLoader workers; call :meth:`set_epoch` before
+    each epoch (workers are re-created per epoch and see the new value).
+    """
+
+    def __init__(self, split: Split, transform: Any = None, seed: int = 0):
+        self.split = split
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = read_image(self.split.image_paths[i])
+        # np.array copies: the memmap is read-only and shared by all workers.
+        mask = None if self.split.masks is None else np.array(self.split.masks[i], dtype=np.uint8)
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise DataError(
+                f"{self.split.image_paths[i]}: image is {image.shape[0]}x{image.shape[1]} but its mask is "
+                f"{mask.shape[0]}x{mask.shape[1]}; masks must match their tiles"
+            )
+        if self.transform is not None:
+            self.transform.set_random_seed(_sample_seed(self.seed, self.epoch, i))
+            out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
+            image, mask = out["image"], out.get("mask")
+        item: dict[str, Any] = {
+            IMAGE: torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            NAME: self.split.names[i],
+            INDEX: i,
+        }
+        if mask is not None:
+            item[MASK] = torch.from_numpy(np.ascontiguousarray(mask))
+        return item
+
+
+def build_transforms(aug: AugConfig, train: bool, crop_size: int = 0, ignore_index: int = 0) -> Any:
+    """Albumentations pipeline applied to image and mask together; None when there is nothing to do.
+
+    Geometric transforms use nearest-neighbour for masks (albumentations' default for masks, and
+    ``mask_interpolation`` set explicitly so a class id can never be blended into a new one).
+    ``crop_size`` > 0 pads (mask with ``ignore_index``) and crops to a fixed size, for data sets
+    whose images differ in size (VOC); validation then uses a centre crop.
+    """
+    import cv2
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+
+    ops: list[Any] = []
+    if crop_size:
+        ops.append(
+            A.PadIfNeeded(crop_size, crop_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index)
+        )
+        ops.append(A.RandomCrop(crop_size, crop_size) if train else A.CenterCrop(crop_size, crop_size))
+    if train:
+        if aug.d4:
+            ops.append(A.D4(p=1.0))
+        if aug.shift_scale_rotate_p > 0:
+            ops.append(
+                A.Affine(
+                    translate_percent=(-aug.shift_limit, aug.shift_limit),
+                    scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
+                    rotate=(-aug.rotate_limit, aug.rotate_limit),
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                    border_mode=cv2.BORDER_REFLECT_101,
+                    p=aug.shift_scale_rotate_p,
+                )
+            )
+        if aug.color_p > 0:
+            ops.append(
+                A.OneOf(
+                    [
+                        A.RandomBrightnessContrast(aug.brightness_limit, aug.contrast_limit, p=1.0),
+                        A.HueSaturationValue(aug.hue_shift_limit, aug.sat_shift_limit, 10, p=1.0),
+                    ],
+                    p=aug.color_p,
+                )
+            )
+    if not ops:
+        return None
+    return A.Compose(ops)
