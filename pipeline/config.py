@@ -47,7 +47,8 @@ class DataConfig:
     group_csv: str = ""  # optional CSV with columns name, group (e.g. manifest.csv); folds are grouped by it
     colormap_json: str = ""  # multi-class layouts: class id -> name and colour
     n_folds: int = 5
-    image_size: int = 512  # tiles are expected at this size; masks are never resized except nearest
+    image_size: int = 512  # tiles are expected at this size (check_data); masks are never resized
+    crop_size: int = 0  # > 0: pad + random crop (train) / centre crop (val) to this size, for VOC-like sets
     num_workers: int = 2
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -59,7 +60,9 @@ class ModelConfig:
 
     arch: str = "Unet"
     encoder: str = "resnet34"
-    encoder_weights: str | None = None  # None, "imagenet" (needs internet) or a path to a local .pth/.safetensors
+    encoder_weights: str | None = (
+        None  # None, "imagenet" (needs internet) or a path to a local .pth/.safetensors
+    )
     classes: int = 1
     in_channels: int = 3
     output_stride: int = 16  # DeepLabV3+ only: 8 or 16

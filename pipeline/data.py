@@ -82,7 +82,9 @@ def read_mask_csv(path: str | Path, require_rle: bool = True) -> pd.DataFrame:
             problems.append(f"{path}, row {i}: duplicate name {n} (first at row {seen[n]}); keep one")
         seen.setdefault(n, i)
     if problems:
-        raise DataError("\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise DataError(
+            "\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
     return pd.DataFrame({"name": pd.Series(names, dtype=object), "rle": pd.Series(rles, dtype=object)})
 
 
@@ -209,7 +211,9 @@ class Split:
         idx = list(idx)
         masks = None
         if self.masks is not None:
-            masks = self.masks[np.asarray(idx)] if isinstance(self.masks, np.ndarray) else _Take(self.masks, idx)
+            masks = (
+                self.masks[np.asarray(idx)] if isinstance(self.masks, np.ndarray) else _Take(self.masks, idx)
+            )
         return Split([self.names[i] for i in idx], [self.image_paths[i] for i in idx], masks)
 
     def building_fraction(self) -> np.ndarray:
@@ -328,7 +332,9 @@ def build_transforms(aug: AugConfig, train: bool, crop_size: int = 0, ignore_ind
     ops: list[Any] = []
     if crop_size:
         ops.append(
-            A.PadIfNeeded(crop_size, crop_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index)
+            A.PadIfNeeded(
+                crop_size, crop_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index
+            )
         )
         ops.append(A.RandomCrop(crop_size, crop_size) if train else A.CenterCrop(crop_size, crop_size))
     if train:

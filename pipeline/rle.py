@@ -42,7 +42,11 @@ def encode(mask: np.ndarray) -> str:
 
 
 def _is_empty(rle: object) -> bool:
-    return rle is None or (isinstance(rle, float) and math.isnan(rle)) or (isinstance(rle, str) and not rle.strip())
+    return (
+        rle is None
+        or (isinstance(rle, float) and math.isnan(rle))
+        or (isinstance(rle, str) and not rle.strip())
+    )
 
 
 def parse(rle: str | float | None, shape: tuple[int, int] = DEFAULT_SHAPE) -> tuple[np.ndarray, np.ndarray]:

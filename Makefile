@@ -1,0 +1,92 @@
+# buildseg — `make demo` then `make test` on a fresh machine; `make train` then `make submit` on your data.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+DATA   ?= data/demo
+CONFIG ?= configs/default.yaml
+FOLDS  ?=
+GPUS   ?= 1
+RESUME ?= 1
+RUN    ?=
+TTA    ?=
+ARGS   ?=
+SUBMISSION ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo demo-data folds train submit score validate check-data test test-all lint bench \
+        bench-accuracy lab report predict-scene clean
+
+help: ## list the targets
+	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.txt
+	test -d $(VENV) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with the pinned requirements (idempotent)
+
+demo-data: $(STAMP) ## generate the embedded demo data set in data/demo
+	$(PY) -m pipeline.demo_data --out data/demo --size 256
+
+demo: demo-data ## the whole pipeline on the demo data on CPU: folds -> train -> submit -> score
+	$(PY) -m pipeline.train --config configs/demo.yaml data.root=data/demo
+	$(PY) -m pipeline.submit --run runs/demo --data data/demo
+	@echo "demo done: run in runs/demo (manifest.yaml, fold*/metrics.csv), submission and score in submissions/"
+
+folds: $(STAMP) ## write DATA/folds.csv (stratified by building fraction, grouped by manifest.csv if present)
+	$(PY) -m pipeline.folds --data $(DATA) $(ARGS)
+
+check-data: $(STAMP) ## report every problem of a data folder (DATA=...)
+	$(PY) -m pipeline.check_data $(DATA)
+
+train: $(STAMP) ## train all folds (DATA= CONFIG= FOLDS=0,1 GPUS=N RESUME=0|1 ARGS="train.epochs=3")
+	$(if $(filter 1,$(GPUS)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS)) \
+	  -m pipeline.train --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) \
+	  $(if $(filter 0,$(RESUME)),--no-resume) data.root=$(DATA) $(ARGS)
+
+submit: $(STAMP) ## predict the test tiles with the newest run (RUN= DATA= TTA=none|flip|d4) and validate
+	$(PY) -m pipeline.submit $(if $(RUN),--run $(RUN)) $(if $(filter-out data/demo,$(DATA)),--data $(DATA)) \
+	  $(if $(TTA),--tta $(TTA))
+
+validate: $(STAMP) ## check a submission file (SUBMISSION=... DATA=...)
+	$(PY) -m pipeline.validate $(SUBMISSION) --sample $(DATA)/test_a_samplesubmit.csv
+
+score: $(STAMP) ## Dice of a submission against DATA/test_a_mask.csv (SUBMISSION= defaults to the newest)
+	$(PY) -m pipeline.score $(or $(SUBMISSION),$(shell ls -t submissions/*.csv 2>/dev/null | head -1)) \
+	  --truth $(DATA)/test_a_mask.csv
+
+predict-scene: $(STAMP) ## sliding-window prediction of a large scene (SCENE=big.tif OUT=mask.tif RUN=runs/x)
+	$(PY) -m pipeline.infer scene --run $(RUN) --scene $(SCENE) --out $(OUT)
+
+report: $(STAMP) ## write the notebooks' figures as PNG to runs/<run>/report (RUN=runs/x DATA=...)
+	$(PY) -m pipeline.report $(or $(RUN),runs/demo) --data $(DATA)
+
+lab: $(STAMP) ## open the notebooks in JupyterLab (installs jupyterlab on first use)
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q jupyterlab
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: $(STAMP) ## run the test suite (CPU, a few minutes)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP) ## the test suite including slow tests
+	$(PY) -m pytest -q -m ""
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check pipeline tests bench
+
+bench: $(STAMP) ## CPU benchmarks -> bench/results/*.json (RLE codec; tiny-size GPU benches)
+	$(PY) -m bench.rle
+	$(PY) -m bench.train_throughput --tiny
+	$(PY) -m bench.infer_throughput --tiny
+
+bench-accuracy: $(STAMP) ## GPU: default recipe on ../shared/data/buildings-real -> bench/results/accuracy.json
+	$(PY) -m bench.accuracy --data $(or $(filter-out data/demo,$(DATA)),../shared/data/buildings-real)
+
+clean: ## remove runs, caches and generated demo data (keeps .venv)
+	rm -rf runs data/demo .cache .pytest_cache

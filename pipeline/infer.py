@@ -1,0 +1,221 @@
+"""Ensemble inference: rebuild fold models from their checkpoints, TTA, average probabilities.
+
+A :class:`Manifest` (``runs/<run>/manifest.yaml``, written by training and editable by hand) lists
+checkpoints, the TTA set, the OOF-tuned threshold and minimum component area. A single model is an
+ensemble of one: there is no separate code path.
+
+    python -m pipeline.infer scene --run runs/<run> --scene big.tif --out big_mask.tif   # make predict-scene
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import tta as tta_mod
+from pipeline.config import Config, ConfigError, config_from_dict
+from pipeline.data import IMAGE, NAME, DataError, SegDataset, Split
+from pipeline.io import CheckpointError, load_checkpoint, load_yaml
+from pipeline.models import build_model
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an ensemble is made of. Paths in ``checkpoints`` are relative to ``run_dir``."""
+
+    run_dir: Path
+    checkpoints: tuple[str, ...]
+    tta: str = "d4"
+    threshold: float = 0.5
+    min_area: int = 0
+    batch_size: int = 16
+    tile_size: int = 512
+    overlap: int = 128
+    classes: int = 1
+    data_root: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read ``manifest.yaml`` (or a run folder containing one) with clear errors for hand edits."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; train first (make train) or pass RUN=runs/<run>")
+    data = load_yaml(path) or {}
+    known = {"checkpoints", "tta", "threshold", "min_area", "batch_size", "tile_size", "overlap", "classes",
+             "data_root"}
+    ckpts = data.get("checkpoints") or []
+    if not ckpts:
+        raise ConfigError(f"{path}: 'checkpoints' is empty; list at least one fold*/best.pt")
+    if data.get("tta", "d4") not in tta_mod.TTA_SETS:
+        raise ConfigError(f"{path}: tta must be one of {sorted(tta_mod.TTA_SETS)}, not {data.get('tta')!r}")
+    try:
+        return Manifest(
+            run_dir=path.parent,
+            checkpoints=tuple(str(c) for c in ckpts),
+            tta=str(data.get("tta", "d4")),
+            threshold=float(data.get("threshold", 0.5)),
+            min_area=int(data.get("min_area", 0)),
+            batch_size=int(data.get("batch_size", 16)),
+            tile_size=int(data.get("tile_size", 512)),
+            overlap=int(data.get("overlap", 128)),
+            classes=int(data.get("classes", 1)),
+            data_root=str(data.get("data_root", "")),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}; fix the value by hand or re-run make train") from None
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """Rebuild a model from its checkpoint alone (config inside), in eval mode on ``device``."""
+    state = load_checkpoint(path, map_location="cpu")
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: the config inside is not valid for this version of buildseg: {e}") from None
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, state
+
+
+def load_ensemble(manifest: Manifest, device: torch.device) -> tuple[list[torch.nn.Module], Config]:
+    models, cfgs = [], []
+    for c in manifest.checkpoints:
+        model, cfg, _ = load_model(manifest.run_dir / c, device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        models.append(model)
+        cfgs.append(cfg)
+    classes = {c.model.classes for c in cfgs}
+    if len(classes) != 1:
+        raise ConfigError(f"{manifest.run_dir}: checkpoints disagree on model.classes ({classes}); "
+                          "an ensemble must predict the same classes")
+    return models, cfgs[0]
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+@torch.no_grad()
+def predict_batch(models: Sequence[torch.nn.Module], x: torch.Tensor, tta: str, classes: int = 1) -> torch.Tensor:
+    """Average probabilities over models and TTA views.
+
+    Args:
+        x: uint8 or float [B, 3, H, W] on the models' device (0..255; models normalise).
+    Returns:
+        float32 [B, K, H, W] probabilities (K = 1 for binary, sigmoid; else softmax).
+    """
+    activation = "sigmoid" if classes == 1 else "softmax"
+    amp = x.device.type == "cuda"
+    total = None
+    for m in models:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            p = tta_mod.predict_tta(m, x, tta, activation).float()
+        total = p if total is None else total.add_(p)
+    return total / len(models)
+
+
+def iter_predictions(
+    models: Sequence[torch.nn.Module],
+    split: Split,
+    tta: str,
+    device: torch.device,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    classes: int = 1,
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield (names, probs) per batch in split order; probs float32 [B, H, W] (binary) or [B, K, H, W].
+
+    JPEG decoding runs in DataLoader workers with pinned memory, overlapping the GPU.
+    """
+    loader = torch.utils.data.DataLoader(
+        SegDataset(Split(split.names, split.image_paths, None)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
+    )
+    for batch in loader:
+        x = batch[IMAGE].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        probs = predict_batch(models, x, tta, classes)
+        out = probs[:, 0] if classes == 1 else probs
+        yield list(batch[NAME]), out.cpu().numpy()
+
+
+def predict_folds(manifest_path: str | Path, image_paths: Sequence[str | Path], tta: str = "none",
+                  device: str = "auto") -> dict[int, np.ndarray]:
+    """Per-fold probabilities float32 [N, H, W] for the given images (notebooks: fold agreement)."""
+    manifest = load_manifest(manifest_path)
+    dev = pick_device(device)
+    paths = [Path(p) for p in image_paths]
+    split = Split([p.name for p in paths], paths, None)
+    out = {}
+    for c in manifest.checkpoints:
+        model, cfg, state = load_model(manifest.run_dir / c, dev)
+        probs = [p for _, p in iter_predictions([model], split, tta, dev, manifest.batch_size, 0, cfg.model.classes)]
+        out[int(state.get("fold", len(out)))] = np.concatenate(probs)
+    return out
+
+
+# ----------------------------------------------------------------------------- large scenes
+
+
+def predict_scene_file(manifest_path: str | Path, scene: str | Path, out: str | Path, tta: str | None = None,
+                       device: str = "auto") -> Path:
+    """Sliding-window ensemble prediction over a large GeoTIFF/JPEG; writes a uint8 mask GeoTIFF."""
+    from pipeline import tiling
+
+    manifest = load_manifest(manifest_path)
+    dev = pick_device(device)
+    models, cfg = load_ensemble(manifest, dev)
+    tta_name = tta or manifest.tta
+
+    def predict_fn(tiles: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))).to(dev)
+        return predict_batch(models, x, tta_name, cfg.model.classes)[:, 0].cpu().numpy()
+
+    tiling.predict_scene(scene, out, predict_fn, tile=manifest.tile_size, overlap=manifest.overlap,
+                         batch_size=manifest.batch_size, threshold=manifest.threshold)
+    return Path(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.infer")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("scene", help="predict a large scene (GeoTIFF/JPEG/PNG) by sliding windows")
+    s.add_argument("--run", required=True, help="run folder or manifest.yaml")
+    s.add_argument("--scene", required=True)
+    s.add_argument("--out", required=True, help="output mask (GeoTIFF keeps the input's CRS and transform)")
+    s.add_argument("--tta", default=None)
+    s.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    try:
+        out = predict_scene_file(a.run, a.scene, a.out, a.tta, a.device)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

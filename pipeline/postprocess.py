@@ -1,0 +1,228 @@
+"""Post-processing: threshold, drop small connected components, and search both on OOF predictions.
+
+One rule everywhere: a pixel is a building when ``p > threshold`` with the comparison made in
+float32. uint8 probabilities ``q`` (0..255) mean ``float32(q) / 255``; they are compared through a
+256-entry lookup built from that same float32 expression, so uint8 and float32 inputs that hold the
+same values always give the same mask.
+
+:func:`search_threshold` picks the (threshold, min_area) pair that maximises the competition score,
+mean per-image Dice with empty/empty = 1. It never re-labels per min_area: connected components are
+computed once per (threshold, image) and every min_area is derived from the component areas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.config import InferConfig
+
+__all__ = ["SearchResult", "binarize", "remove_small_components", "search_threshold"]
+
+_DEFAULTS = InferConfig()
+_CHUNK = 32  # images per vectorised step: bounds the temporary bool masks to 32 x H x W bytes
+
+
+def _check_connectivity(connectivity: int) -> None:
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+
+
+def remove_small_components(mask: np.ndarray, min_area: int, connectivity: int = 8) -> np.ndarray:
+    """Drop connected components with fewer than ``min_area`` pixels.
+
+    Args:
+        mask: [H, W] bool or integer (non-zero = foreground).
+        min_area: components of area >= ``min_area`` are kept; <= 1 keeps everything.
+        connectivity: 8 (diagonal neighbours connect) or 4.
+
+    Returns:
+        uint8 [H, W] of 0/1.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"remove_small_components expects a mask [H, W], got shape {mask.shape}")
+    _check_connectivity(connectivity)
+    binary = (mask != 0).view(np.uint8)
+    if min_area <= 1:
+        return binary.copy()
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=connectivity, ltype=cv2.CV_32S)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False  # label 0 is the background
+    return keep.view(np.uint8)[labels]
+
+
+def _uint8_cutoff(threshold: float) -> int:
+    """Smallest q in 0..256 with ``float32(q) / 255 > float32(threshold)``; q >= cutoff is foreground."""
+    lut = np.arange(256, dtype=np.float32) / np.float32(255) > np.float32(threshold)
+    return int(np.argmax(lut)) if lut.any() else 256
+
+
+def _above(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """``probs > threshold`` as bool, for uint8 (0..255 scaled) or float probabilities."""
+    if probs.dtype == np.uint8:
+        return probs >= _uint8_cutoff(threshold)
+    if probs.dtype.kind != "f":
+        raise TypeError(
+            f"probabilities must be uint8 (0..255) or float in [0, 1], got {probs.dtype}; "
+            "convert with (p * 255).round().astype(np.uint8) or p.astype(np.float32)"
+        )
+    # A numpy float32 scalar (not a Python float) so float16 input is compared in float32 too.
+    return probs > np.float32(threshold)
+
+
+def binarize(probs: np.ndarray, threshold: float = 0.5, min_area: int = 0, connectivity: int = 8) -> np.ndarray:
+    """Threshold probabilities [H, W] (float in [0, 1] or uint8 0..255) and drop components < ``min_area``.
+
+    Returns:
+        uint8 [H, W] of 0/1.
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"binarize expects probabilities [H, W], got shape {probs.shape}")
+    return remove_small_components(_above(probs, threshold), min_area, connectivity)
+
+
+def _dice_per_image(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Dice per image of masks [N, H, W] (non-zero = 1) -> float64 [N]; empty/empty = 1.
+
+    Private on purpose: ``pipeline.metrics.dice_per_image`` is the public one (written in parallel);
+    this copy keeps post-processing free of that dependency while both are in progress.
+    """
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"pred and truth must both be [N, H, W]; got {pred.shape} and {truth.shape}")
+    p, t = pred != 0, truth != 0
+    inter = np.count_nonzero(p & t, axis=(1, 2))
+    total = np.count_nonzero(p, axis=(1, 2)) + np.count_nonzero(t, axis=(1, 2))
+    return _dice_from_counts(inter, total)
+
+
+def _dice_from_counts(inter: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """2 |P & T| / (|P| + |T|) elementwise, 1 where both masks are empty."""
+    inter = np.asarray(inter, dtype=np.float64)
+    total = np.asarray(total, dtype=np.float64)
+    return np.divide(2.0 * inter, total, out=np.ones_like(total), where=total > 0)
+
+
+@dataclass(frozen=True, eq=False)
+class SearchResult:
+    """The best (threshold, min_area) and the whole grid: ``table`` has columns threshold, min_area, dice."""
+
+    threshold: float
+    min_area: int
+    dice: float
+    table: pd.DataFrame
+
+
+def _small_component_losses(
+    pred: np.ndarray, truth_idx: np.ndarray, min_areas: np.ndarray, connectivity: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and true positives removed by each min_area, from one labelling.
+
+    Args:
+        pred: uint8 [H, W] 0/1 mask at one threshold.
+        truth_idx: flat indices of the truth's foreground pixels.
+        min_areas: int64 [M].
+
+    Returns:
+        (removed_area, removed_inter), each int64 [M].
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(pred, connectivity=connectivity, ltype=cv2.CV_32S)
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
+    zeros = np.zeros(len(min_areas), dtype=np.int64)
+    small = areas < min_areas.max()
+    if not small.any():  # only large components: no min_area in the grid removes anything
+        return zeros, zeros
+    if truth_idx.size:
+        inter = np.bincount(labels.ravel()[truth_idx], minlength=n)[1:].astype(np.int64)
+    else:
+        inter = np.zeros_like(areas)
+    # removed[m] = sum over components with area < m: sort by area once, then cumulative sums.
+    order = np.argsort(areas[small], kind="stable")
+    sorted_areas = areas[small][order]
+    cum_area = np.concatenate(([0], np.cumsum(sorted_areas)))
+    cum_inter = np.concatenate(([0], np.cumsum(inter[small][order])))
+    k = np.searchsorted(sorted_areas, min_areas, side="left")  # number of components with area < m
+    return cum_area[k], cum_inter[k]
+
+
+def search_threshold(
+    probs: np.ndarray,
+    truths: np.ndarray,
+    thresholds: Sequence[float] = _DEFAULTS.thresholds,
+    min_areas: Sequence[int] = _DEFAULTS.min_areas,
+    connectivity: int = 8,
+) -> SearchResult:
+    """Grid-search threshold x min_area for the best mean per-image Dice (empty/empty = 1).
+
+    Args:
+        probs: [N, H, W] uint8 (0..255 meaning 0..1) or float16/float32 in [0, 1] (e.g. OOF probabilities).
+        truths: [N, H, W] masks, non-zero = building.
+        thresholds, min_areas: the grid; ties go to the first in grid order (lowest threshold, then
+            lowest min_area).
+        connectivity: 8 or 4, as in :func:`remove_small_components`.
+
+    Returns:
+        :class:`SearchResult`; ``table`` has one row per (threshold, min_area) pair.
+
+    Cost: per chunk of images and per threshold, one vectorised compare and three counts; then one
+    connected-components call per (threshold, image) with a non-empty prediction. Every min_area
+    comes from the component areas: removing components smaller than m lowers |P| by their area and
+    |P & T| by their true positives.
+    """
+    if probs.shape != truths.shape or probs.ndim != 3:
+        raise ValueError(
+            f"probs and truths must both be [N, H, W] with the same shape; got {probs.shape} and "
+            f"{truths.shape} (are the OOF probabilities and masks for the same tiles, in the same order?)"
+        )
+    if len(probs) == 0:
+        raise ValueError("search_threshold needs at least one image")
+    if not len(thresholds) or not len(min_areas):
+        raise ValueError("thresholds and min_areas must each have at least one value")
+    _check_connectivity(connectivity)
+    thr = [float(t) for t in thresholds]
+    areas = np.asarray(min_areas, dtype=np.int64)
+    need_cc = bool((areas > 1).any())
+    n_img = len(probs)
+    inter = np.zeros((len(thr), len(areas), n_img), dtype=np.int64)
+    pred_sum = np.zeros_like(inter)
+    truth_sum = np.zeros(n_img, dtype=np.int64)
+
+    for start in range(0, n_img, _CHUNK):
+        sl = slice(start, min(start + _CHUNK, n_img))
+        p = probs[sl]
+        if p.dtype.kind == "f" and (p.min() < 0 or p.max() > 1):
+            raise ValueError(
+                f"probs[{sl.start}:{sl.stop}] has values outside [0, 1] ({p.min():.3g}..{p.max():.3g}); "
+                "these look like logits: apply a sigmoid first"
+            )
+        t = truths[sl] != 0
+        truth_sum[sl] = np.count_nonzero(t, axis=(1, 2))
+        truth_idx = [np.flatnonzero(ti) for ti in t] if need_cc else []
+        for i, th in enumerate(thr):
+            above = _above(p, th)
+            ps = np.count_nonzero(above, axis=(1, 2))
+            it = np.count_nonzero(above & t, axis=(1, 2))
+            pred_sum[i, :, sl] = ps
+            inter[i, :, sl] = it
+            if not need_cc:
+                continue
+            above_u8 = above.view(np.uint8)
+            for j in np.flatnonzero(ps):
+                lost_area, lost_inter = _small_component_losses(above_u8[j], truth_idx[j], areas, connectivity)
+                pred_sum[i, :, start + j] -= lost_area
+                inter[i, :, start + j] -= lost_inter
+
+    dice = _dice_from_counts(inter, pred_sum + truth_sum).mean(axis=2)  # [T, M]
+    table = pd.DataFrame(
+        {
+            "threshold": np.repeat(thr, len(areas)),
+            "min_area": np.tile(areas, len(thr)),
+            "dice": dice.ravel(),
+        }
+    )
+    best = int(np.argmax(table["dice"].to_numpy()))  # first maximum in grid order
+    row = table.iloc[best]
+    return SearchResult(float(row["threshold"]), int(row["min_area"]), float(row["dice"]), table)

@@ -1,0 +1,143 @@
+"""Turn a trained run into a validated submission CSV.
+
+    python -m pipeline.submit [--run runs/<run>] [--data DIR] [--tta none|flip|d4] [--out submissions/]
+
+Reads ``runs/<run>/manifest.yaml`` (checkpoints, TTA set, threshold, minimum component area),
+predicts the test tiles in the order of the sample submission, averages probabilities over TTA and
+folds, thresholds, removes small components, RLE-encodes, writes
+``submissions/<run>-<tta>-<timestamp>.csv`` atomically, validates it, and scores it when ground
+truth (``test_a_mask.csv``) exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import postprocess, rle
+from pipeline.config import ConfigError, DataConfig
+from pipeline.data import DataError
+from pipeline.infer import Manifest, iter_predictions, load_ensemble, load_manifest, pick_device
+from pipeline.io import CheckpointError, atomic_write
+from pipeline.layouts import read_source
+
+
+@dataclass
+class SubmissionResult:
+    path: Path
+    rows: int
+    empty: int
+    seconds: float
+    score: dict[str, Any] | None = None
+
+
+def _encode(prob: np.ndarray, threshold: float, min_area: int) -> str:
+    return rle.encode(postprocess.binarize(prob, threshold, min_area))
+
+
+def latest_run(runs_dir: str | Path = "runs") -> Path:
+    """The most recently written manifest's run folder (what `make submit` uses without RUN=)."""
+    manifests = sorted(Path(runs_dir).glob("*/manifest.yaml"), key=lambda p: p.stat().st_mtime)
+    if not manifests:
+        raise ConfigError(f"no trained run in {runs_dir}/ (no */manifest.yaml); run make train first")
+    return manifests[-1].parent
+
+
+def make_submission(
+    manifest: Manifest,
+    data: DataConfig,
+    out_dir: str | Path = "submissions",
+    tta: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int = 2,
+) -> SubmissionResult:
+    """Predict the test split of ``data`` with the ensemble in ``manifest`` and write the CSV.
+
+    Post-processing and RLE encoding run in a thread pool while the next batch is on the device, so
+    they do not serialise with the forward passes.
+    """
+    if manifest.classes != 1:
+        raise ConfigError("RLE submissions are binary (classes=1); for multi-class runs use python -m pipeline.predict")
+    t0 = time.time()
+    source = read_source(data, with_train=False)
+    if source.test is None or not len(source.test):
+        raise DataError(f"no test tiles in {data.root}/{data.test_dir} (sample: {data.sample_csv})")
+    dev = pick_device(device)
+    models, _ = load_ensemble(manifest, dev)
+    tta_name = tta or manifest.tta
+    encoded: dict[str, Any] = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for names, probs in iter_predictions(models, source.test, tta_name, dev, batch_size or manifest.batch_size,
+                                             num_workers):
+            for n, p in zip(names, probs):
+                encoded[n] = pool.submit(_encode, p, manifest.threshold, manifest.min_area)
+        rows = [(n, encoded[n].result()) for n in source.test.names]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(out_dir) / f"{manifest.name}-{tta_name}-{stamp}.csv"
+    with atomic_write(path, "w") as f:
+        f.writelines(f"{n}\t{r}\n" for n, r in rows)
+    result = SubmissionResult(path, len(rows), sum(1 for _, r in rows if not r), time.time() - t0)
+
+    from pipeline.validate import validate_submission
+
+    sample = Path(data.root) / data.sample_csv
+    shape = source.test.masks.shape[1:] if source.test.masks is not None else _shape_of(source.test.image_paths[0])
+    problems = validate_submission(path, sample if sample.is_file() else None, tuple(shape))
+    if problems:
+        raise DataError(f"{path} failed validation:\n  " + "\n  ".join(problems))
+    truth = Path(data.root) / data.test_mask_csv
+    if truth.is_file():
+        from pipeline.score import score_submission, write_score
+
+        result.score = score_submission(path, truth, tuple(shape))
+        write_score(result.score, path)
+    return result
+
+
+def _shape_of(path: Path) -> tuple[int, int]:
+    from pipeline.data import image_size
+
+    return image_size(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="", help="run folder or manifest.yaml (default: the newest run in runs/)")
+    p.add_argument("--data", default="", help="data folder (default: the run's data_root)")
+    p.add_argument("--tta", default=None, choices=["none", "flip", "d4"], help="override the manifest's TTA set")
+    p.add_argument("--out", default="submissions")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args(argv)
+    try:
+        manifest = load_manifest(a.run or latest_run())
+        root = a.data or manifest.data_root
+        if not root:
+            raise ConfigError("no data folder: pass --data DIR (the manifest has no data_root)")
+        from pipeline.check_data import require_clean
+
+        data = DataConfig(root=root)
+        require_clean(data, train=False)
+        result = make_submission(manifest, data, a.out, a.tta, a.device, a.batch_size, a.workers)
+    except (ConfigError, DataError, CheckpointError, rle.RLEError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"submission: {result.path}  ({result.rows} tiles, {result.empty} empty masks, "
+          f"{result.seconds:.1f}s) - validated OK")
+    if result.score:
+        print(f"score: Dice {result.score['dice']:.4f}  IoU {result.score['iou']:.4f}  -> {result.path}.score.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Test-time augmentation as paired pure functions over [B, C, H, W] tensors.
+
+A TTA set is a tuple of :class:`Transform` s, each an ``augment``/``deaugment`` pair of pure torch
+functions (flips and 90 degree rotations of the last two dimensions) with
+``deaugment(augment(x)) == x`` exactly: they only move pixels, never interpolate.
+
+``TTA_SETS`` is the registry used by ``InferConfig.tta``:
+
+* ``"none"``: the identity;
+* ``"flip"``: identity, horizontal flip, vertical flip;
+* ``"d4"``: the 8 symmetries of the square (4 rotations x optional horizontal flip).
+
+D4 on non-square inputs: a 90 or 270 degree rotation turns [B, C, H, W] into [B, C, W, H]. The
+model must therefore accept both orientations; our model wrapper pads to a multiple of 32 on each
+side, so any H, W works. ``deaugment`` rotates the prediction back, so the output of
+:func:`predict_tta` always has the input's H and W.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+__all__ = ["ACTIVATIONS", "TTA_SETS", "Transform", "predict_tta"]
+
+
+# ----------------------------------------------------------------------------- pure transforms
+# Module-level functions (and partials of them) rather than lambdas: transforms stay picklable,
+# so a TTA set can cross a DataLoader worker or a multiprocessing boundary.
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _hflip(x: Tensor) -> Tensor:
+    return torch.flip(x, dims=(-1,))
+
+
+def _vflip(x: Tensor) -> Tensor:
+    return torch.flip(x, dims=(-2,))
+
+
+def _rot90(x: Tensor, k: int) -> Tensor:
+    """Rotate the last two dims by ``k`` x 90 degrees counter-clockwise (as ``torch.rot90``)."""
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+def _hflip_then_rot90(x: Tensor, k: int) -> Tensor:
+    return _rot90(_hflip(x), k)
+
+
+def _unrot90_then_hflip(x: Tensor, k: int) -> Tensor:
+    return _hflip(_rot90(x, -k))
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One TTA view: ``augment`` maps the input [B, C, H, W] to the view the model sees;
+    ``deaugment`` maps the model's output [B, K, H', W'] back to the input's frame.
+    """
+
+    name: str
+    augment: Callable[[Tensor], Tensor]
+    deaugment: Callable[[Tensor], Tensor]
+
+
+IDENTITY = Transform("identity", _identity, _identity)
+HFLIP = Transform("hflip", _hflip, _hflip)
+VFLIP = Transform("vflip", _vflip, _vflip)
+
+
+def _d4() -> tuple[Transform, ...]:
+    """The dihedral group of the square: rot90^k and rot90^k after a horizontal flip, k = 0..3."""
+    views = []
+    for flip in (False, True):
+        for k in range(4):
+            if not flip and k == 0:
+                views.append(IDENTITY)
+            elif not flip:
+                views.append(Transform(f"rot{90 * k}", partial(_rot90, k=k), partial(_rot90, k=-k)))
+            elif k == 0:
+                views.append(HFLIP)
+            else:
+                views.append(
+                    Transform(
+                        f"hflip_rot{90 * k}",
+                        partial(_hflip_then_rot90, k=k),
+                        partial(_unrot90_then_hflip, k=k),
+                    )
+                )
+    return tuple(views)
+
+
+TTA_SETS: dict[str, tuple[Transform, ...]] = {
+    "none": (IDENTITY,),
+    "flip": (IDENTITY, HFLIP, VFLIP),
+    "d4": _d4(),
+}
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    return torch.softmax(logits, dim=1)
+
+
+def _no_activation(probs: Tensor) -> Tensor:
+    return probs
+
+
+# "none" is for a model_fn that already returns probabilities (e.g. a fold ensemble).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "softmax": _softmax,
+    "none": _no_activation,
+}
+
+
+def _lookup(registry: dict, key: str, what: str) -> object:
+    if key not in registry:
+        raise ValueError(f"unknown {what} {key!r}; use one of {', '.join(registry)}")
+    return registry[key]
+
+
+def _forward(model_fn: Callable[[Tensor], Tensor], views: list[Tensor], batch: int) -> list[Tensor]:
+    """Run ``model_fn`` on same-shaped views concatenated along the batch dim; split the output back."""
+    out = model_fn(torch.cat(views, dim=0) if len(views) > 1 else views[0])
+    expected = (batch * len(views), views[0].shape[-2], views[0].shape[-1])
+    if out.ndim != 4 or (out.shape[0], *out.shape[-2:]) != expected:
+        raise ValueError(
+            f"model_fn returned shape {tuple(out.shape)} for an input of shape "
+            f"{(batch * len(views), *views[0].shape[1:])}; it must return logits [B, K, H, W] "
+            "with the input's batch size, H and W (pad the input to a multiple of the model's stride)"
+        )
+    return list(out.split(batch, dim=0))
+
+
+@torch.no_grad()
+def predict_tta(
+    model_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tta: str = "d4",
+    activation: str = "sigmoid",
+    merge_batch: bool = True,
+) -> Tensor:
+    """Average the model's probabilities over the views of TTA set ``tta``.
+
+    Args:
+        model_fn: maps a batch [B', C, H', W'] to logits [B', K, H', W'] (any float dtype).
+        x: input batch [B, C, H, W].
+        tta: a key of :data:`TTA_SETS` (``none`` | ``flip`` | ``d4``).
+        activation: ``sigmoid`` (binary, K = 1), ``softmax`` (over K) or ``none`` (model_fn already
+            returns probabilities).
+        merge_batch: concatenate all views along the batch dim and run one forward of
+            ``len(views) * B`` (fastest on a GPU, ``len(views)`` times the activation memory).
+            Views are grouped by shape, so a non-square input under ``d4`` takes two forwards
+            (H x W and W x H). ``False``: one forward per view.
+
+    Returns:
+        float32 probabilities [B, K, H, W].
+
+    Probabilities, not logits, are averaged: the mean of logits is dominated by the most confident
+    view (logits are unbounded), whereas the mean of probabilities is bounded and keeps the scale
+    the threshold is tuned on. It also composes: the mean over folds of the mean over views is the
+    mean over all (fold, view) pairs, so ensembling and TTA can be done in any order.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"predict_tta expects a batch [B, C, H, W], got shape {tuple(x.shape)}")
+    transforms = _lookup(TTA_SETS, tta, "TTA set")
+    act = _lookup(ACTIVATIONS, activation, "activation")
+    batch = x.shape[0]
+
+    views = [t.augment(x) for t in transforms]
+    if merge_batch:
+        outputs: list[Tensor | None] = [None] * len(views)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, v in enumerate(views):
+            groups.setdefault(tuple(v.shape), []).append(i)
+        for idx in groups.values():
+            for i, out in zip(idx, _forward(model_fn, [views[i] for i in idx], batch)):
+                outputs[i] = out
+    else:
+        outputs = [_forward(model_fn, [v], batch)[0] for v in views]
+
+    total: Tensor | None = None
+    for t, out in zip(transforms, outputs):
+        # Activation in float32: bf16/fp16 logits would lose precision in the sum.
+        probs = t.deaugment(act(out.float()))
+        total = probs if total is None else total + probs
+    return total / len(transforms)
