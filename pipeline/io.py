@@ -14,12 +14,18 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: mkstemp creates 0600 files, we want what open() would give
 
 
 class CheckpointError(RuntimeError):
@@ -41,7 +47,17 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        try:  # keep the replaced file's mode, else the umask default (mkstemp's 0600 is too strict)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # make the rename itself durable (best effort)
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -83,31 +99,73 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _refusal(message: str) -> str | None:
+    """What a ``weights_only`` refusal names, or None when the bytes are not a pickle at all.
+
+    torch raises ``UnpicklingError`` both for a blocked object (a crafted or foreign file: a refusal)
+    and for bytes that are no pickle ("Unsupported operand": corruption); the two need different advice.
+    """
+    if "Unsupported operand" in message:
+        return None
+    blocked = re.search(r"GLOBAL (\S+)", message)
+    if blocked:
+        return f"blocked object {blocked.group(1)}"
+    if "WeightsUnpickler error:" in message:
+        lines = [x.strip() for x in message.split("WeightsUnpickler error:", 1)[1].splitlines() if x.strip()]
+        if lines:
+            return lines[0]
+    return "an object that is not a tensor or plain data"
+
+
 def load_checkpoint(path: str | Path, map_location: str | Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely: ``weights_only=True``; truncated or foreign files give a clear error."""
+    """Load a checkpoint safely: ``weights_only=True``; truncated or foreign files give a clear error.
+
+    Raises :class:`CheckpointError` (never a raw unpickling traceback) when the file is missing,
+    empty, truncated or corrupt, holds objects other than tensors and plain data (refused, nothing
+    is executed), or is a torch file without buildseg's keys ``model`` and ``config``.
+    """
     import pickle
-    import zipfile
 
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; train first (make train) or fix the path")
+    corrupt_fix = "delete it and resume from the previous one (last.pt) or retrain this fold"
+    if path.stat().st_size == 0:
+        # torch raises IndexError on an empty file; say what it means instead.
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or corrupt; {corrupt_fix}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = _refusal(str(e))
+        if detail is None:
+            # Not a blocked object: the bytes are not a valid pickle (garbage, a cut legacy file).
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt (not a readable torch file); {corrupt_fix}"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} was refused: it contains objects other than tensors and plain data "
-            f"({str(e).splitlines()[0]}). buildseg never unpickles arbitrary objects; only load "
+            f"({detail}). buildseg never unpickles arbitrary objects, so nothing in it was run; only load "
             "checkpoints written by buildseg, or re-save the state dict from a trusted session."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:
+        # Any other failure to parse the file means it is damaged: torch reports that as RuntimeError,
+        # OSError, EOFError, KeyError or IndexError depending on where the bytes stop, and the user
+        # needs one message, not the internal one. The exception is a device that cannot be used.
+        first = str(e).splitlines()[0] if str(e) else ""
+        if isinstance(e, RuntimeError) and ("CUDA" in first or "data location" in first):
+            raise CheckpointError(
+                f"checkpoint {path} cannot be loaded onto map_location={map_location!r} ({first}); "
+                "load it with map_location='cpu' or on a machine with that device"
+            ) from None
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "delete it and resume from the previous one (last.pt) or retrain this fold"
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first}); {corrupt_fix}"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        found = sorted(map(str, state))[:10] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
-            f"checkpoint {path} is not a buildseg checkpoint (expected keys 'model' and 'config')"
+            f"checkpoint {path} is not a buildseg checkpoint (expected a dict with keys 'model' and "
+            f"'config', found {found}); pass a checkpoint written by pipeline.train"
         )
     return state

@@ -187,7 +187,8 @@ def multiclass_soft_dice(
     inter = (probs * onehot).sum(dims)
     support = onehot.sum(dims)
     card = probs.sum(dims) + support
-    dice = (2.0 * inter + smooth) / (card + smooth)
+    # clamp: an absent, unpredicted class is 0/0 with smooth=0; NaN * 0 would still poison the mean.
+    dice = (2.0 * inter + smooth) / (card + smooth).clamp_min(1e-7)
     present = (support > 0).float()
     # Weighted mean instead of boolean indexing: no host sync and a defined value when nothing is present.
     mean_dice = (dice * present).sum() / present.sum().clamp_min(1.0)
@@ -231,14 +232,22 @@ class BCEDiceLoss(nn.Module):
 
     Converts the data loader's uint8 mask to float [B,1,H,W]; pixels equal to ``ignore_index`` (if set)
     are excluded from both terms. Any other value > 1 is an error: a 0/255 building mask fed as a
-    target would otherwise train silently on nonsense (this check costs one host sync per step).
+    target would otherwise train silently on nonsense. The value check needs a host sync, so on an
+    accelerator only the first batch is checked (the training step stays sync-free); CPU masks always are.
     """
 
-    def __init__(self, ce_weight: float = 0.5, dice_weight: float = 0.5, ignore_index: int | None = None,
-                 smooth: float = 1.0, per_image: bool = False) -> None:
+    def __init__(
+        self,
+        ce_weight: float = 0.5,
+        dice_weight: float = 0.5,
+        ignore_index: int | None = None,
+        smooth: float = 1.0,
+        per_image: bool = False,
+    ) -> None:
         super().__init__()
         self.ce_weight, self.dice_weight = ce_weight, dice_weight
         self.ignore_index, self.smooth, self.per_image = ignore_index, smooth, per_image
+        self._device_checked = False
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         mask = _check_mask(logits, mask)
@@ -246,32 +255,42 @@ class BCEDiceLoss(nn.Module):
         if self.ignore_index is not None:
             valid = (mask != self.ignore_index).unsqueeze(1)
             mask = torch.where(valid.squeeze(1), mask, torch.zeros_like(mask))
-        if bool((mask > 1).any()):
+        if _check_due(self, mask) and bool((mask > 1).any()):
             raise ValueError(
                 f"binary mask has values > 1 (max {int(mask.max())}); building masks must be 0/1 "
                 "(divide 0/255 masks by 255 when decoding) or set loss.ignore_index for the void value"
             )
         target = mask.unsqueeze(1).float()
-        return bce_dice_loss(logits, target, self.ce_weight, self.dice_weight, valid, self.smooth,
-                             self.per_image)
+        return bce_dice_loss(
+            logits, target, self.ce_weight, self.dice_weight, valid, self.smooth, self.per_image
+        )
 
     def extra_repr(self) -> str:
-        return (f"ce_weight={self.ce_weight}, dice_weight={self.dice_weight}, "
-                f"ignore_index={self.ignore_index}, smooth={self.smooth}, per_image={self.per_image}")
+        return (
+            f"ce_weight={self.ce_weight}, dice_weight={self.dice_weight}, "
+            f"ignore_index={self.ignore_index}, smooth={self.smooth}, per_image={self.per_image}"
+        )
 
 
 class CEDiceLoss(nn.Module):
     """Multi-class loss module: ``(logits [B,C,H,W], mask [B,H,W] uint8 ids) -> float32 scalar``.
 
     Converts the mask to int64; ids ``>= C`` other than ``ignore_index`` are an error (cross-entropy
-    would fail with an opaque device-side assert on CUDA).
+    would fail with an opaque device-side assert on CUDA). Checked on every CPU batch and on the first
+    accelerator batch only, as in :class:`BCEDiceLoss`.
     """
 
-    def __init__(self, ce_weight: float = 0.5, dice_weight: float = 0.5, ignore_index: int | None = None,
-                 smooth: float = 1.0) -> None:
+    def __init__(
+        self,
+        ce_weight: float = 0.5,
+        dice_weight: float = 0.5,
+        ignore_index: int | None = None,
+        smooth: float = 1.0,
+    ) -> None:
         super().__init__()
         self.ce_weight, self.dice_weight = ce_weight, dice_weight
         self.ignore_index, self.smooth = ignore_index, smooth
+        self._device_checked = False
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         target = _check_mask(logits, mask).long()
@@ -279,7 +298,7 @@ class CEDiceLoss(nn.Module):
         bad = target >= num_classes
         if self.ignore_index is not None:
             bad &= target != self.ignore_index
-        if bool(bad.any()):
+        if _check_due(self, mask) and bool(bad.any()):
             raise ValueError(
                 f"mask has class id {int(target[bad].max())} but the model has {num_classes} classes; "
                 "set model.classes to the number of classes, or loss.ignore_index (e.g. 255 for VOC borders)"
@@ -287,8 +306,20 @@ class CEDiceLoss(nn.Module):
         return ce_dice_loss(logits, target, self.ce_weight, self.dice_weight, self.ignore_index, self.smooth)
 
     def extra_repr(self) -> str:
-        return (f"ce_weight={self.ce_weight}, dice_weight={self.dice_weight}, "
-                f"ignore_index={self.ignore_index}, smooth={self.smooth}")
+        return (
+            f"ce_weight={self.ce_weight}, dice_weight={self.dice_weight}, "
+            f"ignore_index={self.ignore_index}, smooth={self.smooth}"
+        )
+
+
+def _check_due(module: BCEDiceLoss | CEDiceLoss, mask: Tensor) -> bool:
+    """Whether to run the value check (a host sync): always on CPU, once per module on accelerators."""
+    if mask.device.type == "cpu":
+        return True
+    if module._device_checked:
+        return False
+    module._device_checked = True
+    return True
 
 
 def _check_mask(logits: Tensor, mask: Tensor) -> Tensor:
@@ -306,7 +337,9 @@ def _check_mask(logits: Tensor, mask: Tensor) -> Tensor:
 # Binary vs multi-class is decided by model.classes; the key is the task, the value builds the module.
 LOSSES: dict[str, Callable[[LossConfig], nn.Module]] = {
     "binary": lambda loss_cfg: BCEDiceLoss(loss_cfg.ce_weight, loss_cfg.dice_weight, loss_cfg.ignore_index),
-    "multiclass": lambda loss_cfg: CEDiceLoss(loss_cfg.ce_weight, loss_cfg.dice_weight, loss_cfg.ignore_index),
+    "multiclass": lambda loss_cfg: CEDiceLoss(
+        loss_cfg.ce_weight, loss_cfg.dice_weight, loss_cfg.ignore_index
+    ),
 }
 
 

@@ -56,14 +56,19 @@ def confusion_matrix(pred: Any, target: Any, num_classes: int, ignore_index: int
         num_classes: C. Any id outside ``0..C-1`` (other than ignored target pixels) is an error.
     """
     if isinstance(pred, torch.Tensor) or isinstance(target, torch.Tensor):
-        return confusion_matrix_torch(torch.as_tensor(pred), torch.as_tensor(target), num_classes,
-                                      ignore_index).cpu().numpy()
+        return (
+            confusion_matrix_torch(torch.as_tensor(pred), torch.as_tensor(target), num_classes, ignore_index)
+            .cpu()
+            .numpy()
+        )
     p = np.asarray(pred)
     t = np.asarray(target)
     if p.shape != t.shape:
         raise ValueError(f"confusion_matrix: pred {p.shape} and target {t.shape} must have the same shape")
     if not (np.issubdtype(p.dtype, np.integer) and np.issubdtype(t.dtype, np.integer)):
-        raise TypeError(f"confusion_matrix needs integer class ids (argmax first), got {p.dtype} and {t.dtype}")
+        raise TypeError(
+            f"confusion_matrix needs integer class ids (argmax first), got {p.dtype} and {t.dtype}"
+        )
     p = p.ravel().astype(np.int64)
     t = t.ravel().astype(np.int64)
     if ignore_index is not None:
@@ -90,7 +95,9 @@ def confusion_matrix_torch(
             f"confusion_matrix_torch: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ"
         )
     if pred.is_floating_point() or target.is_floating_point():
-        raise TypeError(f"confusion_matrix_torch needs integer class ids, got {pred.dtype} and {target.dtype}")
+        raise TypeError(
+            f"confusion_matrix_torch needs integer class ids, got {pred.dtype} and {target.dtype}"
+        )
     p = pred.reshape(-1).long()
     t = target.reshape(-1).to(p.device).long()
     if ignore_index is not None:
@@ -230,12 +237,7 @@ def dice_per_image(pred: Any, truth: Any) -> np.ndarray:
 
     An image where prediction and truth are both empty scores 1.0 (the competition's convention).
     """
-    p = _as_bool(pred, "pred")
-    t = _as_bool(truth, "truth")
-    if p.shape != t.shape or p.ndim < 2:
-        raise ValueError(f"dice_per_image expects equal shapes [N, H, W], got {p.shape} and {t.shape}")
-    p = p.reshape(p.shape[0], -1)
-    t = t.reshape(t.shape[0], -1)
+    p, t = _flat_bool_pair_np(pred, truth, "dice_per_image")
     inter = np.count_nonzero(p & t, axis=1)
     card = np.count_nonzero(p, axis=1) + np.count_nonzero(t, axis=1)
     return np.where(card == 0, 1.0, 2.0 * inter / np.maximum(card, 1))
@@ -243,15 +245,22 @@ def dice_per_image(pred: Any, truth: Any) -> np.ndarray:
 
 def iou_per_image(pred: Any, truth: Any) -> np.ndarray:
     """IoU (Jaccard) of each image [N] float64 for binary masks [N, H, W]; empty/empty = 1.0."""
-    p = _as_bool(pred, "pred")
-    t = _as_bool(truth, "truth")
-    if p.shape != t.shape or p.ndim < 2:
-        raise ValueError(f"iou_per_image expects equal shapes [N, H, W], got {p.shape} and {t.shape}")
-    p = p.reshape(p.shape[0], -1)
-    t = t.reshape(t.shape[0], -1)
+    p, t = _flat_bool_pair_np(pred, truth, "iou_per_image")
     inter = np.count_nonzero(p & t, axis=1)
     union = np.count_nonzero(p | t, axis=1)
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def _flat_bool_pair_np(pred: Any, truth: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Checked bool masks [N, H, W] flattened to [N, H*W]."""
+    p = _as_bool(pred, "pred")
+    t = _as_bool(truth, "truth")
+    if p.shape != t.shape or p.ndim < 3:
+        raise ValueError(
+            f"{name} expects equal shapes [N, H, W], got {p.shape} and {t.shape}; for one image use "
+            "dice_binary or add a batch axis (mask[None])"
+        )
+    return p.reshape(p.shape[0], -1), t.reshape(t.shape[0], -1)
 
 
 def dice_binary(pred: Any, truth: Any) -> float:
@@ -308,8 +317,11 @@ def iou_per_image_torch(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor
 
 
 def _flat_bool_pair(pred: torch.Tensor, truth: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if pred.shape != truth.shape or pred.ndim < 2:
-        raise ValueError(f"{name} expects equal shapes [N, H, W], got {tuple(pred.shape)} and {tuple(truth.shape)}")
+    if pred.shape != truth.shape or pred.ndim < 3:
+        raise ValueError(
+            f"{name} expects equal shapes [N, H, W], got {tuple(pred.shape)} and {tuple(truth.shape)}; "
+            "add a batch axis (mask[None]) for one image"
+        )
     if pred.dtype != torch.bool or truth.is_floating_point():
         raise TypeError(
             f"{name} expects pred bool (threshold first: probs > t) and integer/bool truth, got "

@@ -12,7 +12,9 @@ computed once per (threshold, image) and every min_area is derived from the comp
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -21,7 +23,7 @@ import pandas as pd
 
 from pipeline.config import InferConfig
 
-__all__ = ["SearchResult", "binarize", "remove_small_components", "search_threshold"]
+__all__ = ["SearchResult", "binarize", "mean_dice_at", "remove_small_components", "search_threshold"]
 
 _DEFAULTS = InferConfig()
 _CHUNK = 32  # images per vectorised step: bounds the temporary bool masks to 32 x H x W bytes
@@ -49,7 +51,9 @@ def remove_small_components(mask: np.ndarray, min_area: int, connectivity: int =
     binary = (mask != 0).view(np.uint8)
     if min_area <= 1:
         return binary.copy()
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=connectivity, ltype=cv2.CV_32S)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        binary, connectivity=connectivity, ltype=cv2.CV_32S
+    )
     keep = stats[:, cv2.CC_STAT_AREA] >= min_area
     keep[0] = False  # label 0 is the background
     return keep.view(np.uint8)[labels]
@@ -74,7 +78,9 @@ def _above(probs: np.ndarray, threshold: float) -> np.ndarray:
     return probs > np.float32(threshold)
 
 
-def binarize(probs: np.ndarray, threshold: float = 0.5, min_area: int = 0, connectivity: int = 8) -> np.ndarray:
+def binarize(
+    probs: np.ndarray, threshold: float = 0.5, min_area: int = 0, connectivity: int = 8
+) -> np.ndarray:
     """Threshold probabilities [H, W] (float in [0, 1] or uint8 0..255) and drop components < ``min_area``.
 
     Returns:
@@ -85,22 +91,12 @@ def binarize(probs: np.ndarray, threshold: float = 0.5, min_area: int = 0, conne
     return remove_small_components(_above(probs, threshold), min_area, connectivity)
 
 
-def _dice_per_image(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Dice per image of masks [N, H, W] (non-zero = 1) -> float64 [N]; empty/empty = 1.
-
-    Private on purpose: ``pipeline.metrics.dice_per_image`` is the public one (written in parallel);
-    this copy keeps post-processing free of that dependency while both are in progress.
-    """
-    if pred.shape != truth.shape or pred.ndim != 3:
-        raise ValueError(f"pred and truth must both be [N, H, W]; got {pred.shape} and {truth.shape}")
-    p, t = pred != 0, truth != 0
-    inter = np.count_nonzero(p & t, axis=(1, 2))
-    total = np.count_nonzero(p, axis=(1, 2)) + np.count_nonzero(t, axis=(1, 2))
-    return _dice_from_counts(inter, total)
-
-
 def _dice_from_counts(inter: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """2 |P & T| / (|P| + |T|) elementwise, 1 where both masks are empty."""
+    """2 |P & T| / (|P| + |T|) elementwise from counts, 1 where both masks are empty.
+
+    The search works on counts, not masks; ``pipeline.metrics.dice_per_image`` is the mask-level
+    metric (the tests check that both agree).
+    """
     inter = np.asarray(inter, dtype=np.float64)
     total = np.asarray(total, dtype=np.float64)
     return np.divide(2.0 * inter, total, out=np.ones_like(total), where=total > 0)
@@ -129,23 +125,64 @@ def _small_component_losses(
     Returns:
         (removed_area, removed_inter), each int64 [M].
     """
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(pred, connectivity=connectivity, ltype=cv2.CV_32S)
-    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
+    # Labels only, then areas by bincount over the foreground pixels: about 2x faster than
+    # connectedComponentsWithStats, which also computes bounding boxes and centroids we do not use.
+    n, labels = cv2.connectedComponents(pred, connectivity=connectivity, ltype=cv2.CV_32S)
+    flat = labels.ravel()
+    areas = np.bincount(flat[np.flatnonzero(pred)], minlength=n)[1:]
     zeros = np.zeros(len(min_areas), dtype=np.int64)
     small = areas < min_areas.max()
     if not small.any():  # only large components: no min_area in the grid removes anything
         return zeros, zeros
-    if truth_idx.size:
-        inter = np.bincount(labels.ravel()[truth_idx], minlength=n)[1:].astype(np.int64)
-    else:
-        inter = np.zeros_like(areas)
-    # removed[m] = sum over components with area < m: sort by area once, then cumulative sums.
+    inter = np.bincount(flat[truth_idx], minlength=n)[1:]  # label 0 (background) collects the misses
+    # removed[m] = sum over components with area < m: sort the small ones by area, then cumulative sums.
     order = np.argsort(areas[small], kind="stable")
     sorted_areas = areas[small][order]
-    cum_area = np.concatenate(([0], np.cumsum(sorted_areas)))
-    cum_inter = np.concatenate(([0], np.cumsum(inter[small][order])))
+    cum_area = np.concatenate(([0], np.cumsum(sorted_areas, dtype=np.int64)))
+    cum_inter = np.concatenate(([0], np.cumsum(inter[small][order], dtype=np.int64)))
     k = np.searchsorted(sorted_areas, min_areas, side="left")  # number of components with area < m
     return cum_area[k], cum_inter[k]
+
+
+def _count_chunk(
+    probs: np.ndarray,
+    truth: np.ndarray,
+    thresholds: list[float],
+    min_areas: np.ndarray,
+    connectivity: int,
+    pool: ThreadPoolExecutor,
+) -> tuple[np.ndarray, np.ndarray]:
+    """|P & T| and |P| for every (threshold, min_area, image) of a chunk.
+
+    Args:
+        probs: [n, H, W] uint8 or float probabilities; truth: bool [n, H, W].
+
+    Returns:
+        (inter, pred_sum), each int64 [T, M, n].
+    """
+    n = len(probs)
+    inter = np.zeros((len(thresholds), len(min_areas), n), dtype=np.int64)
+    pred_sum = np.zeros_like(inter)
+    if probs.dtype == np.float16:  # upcast once per chunk (exact) instead of once per threshold compare
+        probs = probs.astype(np.float32)
+    need_cc = bool((min_areas > 1).any())
+    truth_idx = [np.flatnonzero(ti) for ti in truth] if need_cc else []
+    for i, th in enumerate(thresholds):
+        above = _above(probs, th)  # vectorised over the chunk
+        pred_sum[i] = np.count_nonzero(above, axis=(1, 2))
+        inter[i] = np.count_nonzero(above & truth, axis=(1, 2))
+        if not need_cc:
+            continue
+        above_u8 = above.view(np.uint8)
+        nonempty = np.flatnonzero(pred_sum[i, 0])  # an empty prediction has no components to remove
+        losses = pool.map(
+            lambda j: _small_component_losses(above_u8[j], truth_idx[j], min_areas, connectivity),  # noqa: B023
+            nonempty,
+        )
+        for j, (lost_area, lost_inter) in zip(nonempty, losses):
+            pred_sum[i, :, j] -= lost_area
+            inter[i, :, j] -= lost_inter
+    return inter, pred_sum
 
 
 def search_threshold(
@@ -154,6 +191,7 @@ def search_threshold(
     thresholds: Sequence[float] = _DEFAULTS.thresholds,
     min_areas: Sequence[int] = _DEFAULTS.min_areas,
     connectivity: int = 8,
+    workers: int | None = None,
 ) -> SearchResult:
     """Grid-search threshold x min_area for the best mean per-image Dice (empty/empty = 1).
 
@@ -163,6 +201,8 @@ def search_threshold(
         thresholds, min_areas: the grid; ties go to the first in grid order (lowest threshold, then
             lowest min_area).
         connectivity: 8 or 4, as in :func:`remove_small_components`.
+        workers: threads for the connected-components step (OpenCV and numpy release the GIL);
+            None = the number of CPUs, at most 8.
 
     Returns:
         :class:`SearchResult`; ``table`` has one row per (threshold, min_area) pair.
@@ -184,36 +224,22 @@ def search_threshold(
     _check_connectivity(connectivity)
     thr = [float(t) for t in thresholds]
     areas = np.asarray(min_areas, dtype=np.int64)
-    need_cc = bool((areas > 1).any())
     n_img = len(probs)
     inter = np.zeros((len(thr), len(areas), n_img), dtype=np.int64)
     pred_sum = np.zeros_like(inter)
     truth_sum = np.zeros(n_img, dtype=np.int64)
-
-    for start in range(0, n_img, _CHUNK):
-        sl = slice(start, min(start + _CHUNK, n_img))
-        p = probs[sl]
-        if p.dtype.kind == "f" and (p.min() < 0 or p.max() > 1):
-            raise ValueError(
-                f"probs[{sl.start}:{sl.stop}] has values outside [0, 1] ({p.min():.3g}..{p.max():.3g}); "
-                "these look like logits: apply a sigmoid first"
-            )
-        t = truths[sl] != 0
-        truth_sum[sl] = np.count_nonzero(t, axis=(1, 2))
-        truth_idx = [np.flatnonzero(ti) for ti in t] if need_cc else []
-        for i, th in enumerate(thr):
-            above = _above(p, th)
-            ps = np.count_nonzero(above, axis=(1, 2))
-            it = np.count_nonzero(above & t, axis=(1, 2))
-            pred_sum[i, :, sl] = ps
-            inter[i, :, sl] = it
-            if not need_cc:
-                continue
-            above_u8 = above.view(np.uint8)
-            for j in np.flatnonzero(ps):
-                lost_area, lost_inter = _small_component_losses(above_u8[j], truth_idx[j], areas, connectivity)
-                pred_sum[i, :, start + j] -= lost_area
-                inter[i, :, start + j] -= lost_inter
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, n_img, _CHUNK):
+            sl = slice(start, min(start + _CHUNK, n_img))
+            p = probs[sl]
+            if p.dtype.kind == "f" and (p.min() < 0 or p.max() > 1):
+                raise ValueError(
+                    f"probs[{sl.start}:{sl.stop}] has values outside [0, 1] ({p.min():.3g}..{p.max():.3g}); "
+                    "these look like logits: apply a sigmoid first"
+                )
+            t = truths[sl] != 0
+            truth_sum[sl] = np.count_nonzero(t, axis=(1, 2))
+            inter[:, :, sl], pred_sum[:, :, sl] = _count_chunk(p, t, thr, areas, connectivity, pool)
 
     dice = _dice_from_counts(inter, pred_sum + truth_sum).mean(axis=2)  # [T, M]
     table = pd.DataFrame(
@@ -226,3 +252,12 @@ def search_threshold(
     best = int(np.argmax(table["dice"].to_numpy()))  # first maximum in grid order
     row = table.iloc[best]
     return SearchResult(float(row["threshold"]), int(row["min_area"]), float(row["dice"]), table)
+
+
+def mean_dice_at(
+    probs: np.ndarray, truths: np.ndarray, threshold: float, min_area: int = 0, connectivity: int = 8
+) -> float:
+    """Mean per-image Dice of probs [N, H, W] (uint8 or float, as in :func:`search_threshold`) against
+    truths [N, H, W] at one (threshold, min_area): the same rule and counts as the search.
+    """
+    return search_threshold(probs, truths, (threshold,), (min_area,), connectivity).dice

@@ -14,12 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline import rle
 from pipeline.data import DataError, read_mask_csv
 from pipeline.io import atomic_write_text
-from pipeline.metrics import dice_per_image
+from pipeline.metrics import dice_per_image, iou_per_image
 
 
 def score_submission(sub_path: str | Path, truth_path: str | Path, shape: tuple[int, int] = (512, 512)) -> dict[str, Any]:
@@ -38,9 +36,7 @@ def score_submission(sub_path: str | Path, truth_path: str | Path, shape: tuple[
     t = rle.decode_many(truth["rle"].tolist(), shape, source=str(truth_path), names=names)
     p = rle.decode_many([pred_of[n] for n in names], shape, source=str(sub_path), names=names)
     dice = dice_per_image(p, t)
-    inter = (p & t).reshape(len(names), -1).sum(1)
-    union = (p | t).reshape(len(names), -1).sum(1)
-    iou = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    iou = iou_per_image(p, t)
     return {
         "submission": str(sub_path),
         "truth": str(truth_path),

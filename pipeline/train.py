@@ -42,7 +42,13 @@ from pipeline.data import IMAGE, INDEX, MASK, DataError, SegDataset, Split, buil
 from pipeline.io import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, save_yaml
 from pipeline.layouts import Source, read_source
 from pipeline.losses import build_loss
-from pipeline.metrics import confusion_matrix_torch, dice_per_image_torch, iou_per_image, mean_iou
+from pipeline.metrics import (
+    confusion_matrix_torch,
+    dice_per_image_torch,
+    iou_per_image_torch,
+    mean_iou,
+    pixel_accuracy,
+)
 from pipeline.models import build_model
 
 
@@ -145,7 +151,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     import random
 
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds third-party code that uses the global state
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -196,6 +202,71 @@ def save_on_signal() -> Iterator[None]:
             signal.signal(signal.SIGTERM, old)
 
 
+class TrainStep:
+    """One optimisation step (forward, loss, backward, clip, step, EMA); shared with bench/train_throughput.py.
+
+    Non-finite losses are detected without a host sync per step: the first bad global step is
+    recorded on the device and :meth:`check_finite` (called every few steps) raises naming it.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        fwd: torch.nn.Module,
+        loss_fn: Any,
+        optimizer: torch.optim.Optimizer,
+        scaler: Any,
+        ema: Any,
+        cfg: Config,
+        device: torch.device,
+    ):
+        self.model, self.fwd, self.loss_fn, self.optimizer = model, fwd, loss_fn, optimizer
+        self.scaler, self.ema, self.cfg, self.device = scaler, ema, cfg, device
+        self.channels_last = device.type == "cuda" and cfg.train.channels_last
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, global_step: int = 0) -> torch.Tensor:
+        """x: uint8 [B, 3, H, W], y: uint8 [B, H, W] (host or device). Returns the detached loss."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_ctx(self.device, self.cfg.train.amp):
+            loss = self.loss_fn(self.fwd(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        loss = loss.detach()
+        first_bad = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first_bad, torch.tensor(global_step, device=self.device), self.bad_step)
+        self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
+        return loss
+
+    def check_finite(self, fold: int, epoch: int) -> None:
+        bad = int(self.bad_step)
+        if bad >= 0:
+            raise TrainingError(
+                f"fold {fold}: loss is {float(self.bad_loss)} at global step {bad + 1} (epoch {epoch + 1}); lower "
+                f"optim.lr (now {self.cfg.optim.lr}), set optim.grad_clip=1.0, or check that batch's inputs. "
+                "last.pt holds the state of the last finished epoch"
+            )
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -241,7 +312,7 @@ def evaluate(
             if valid is not None:
                 pred, truth = pred & valid, truth & valid
             sums[1] += dice_per_image_torch(pred, truth).sum()
-            sums[2] += iou_per_image(pred, truth).sum()
+            sums[2] += iou_per_image_torch(pred, truth).sum()
             cm += confusion_matrix_torch(pred.long(), y.long(), 2, ignore_index=cfg.loss.ignore_index)
         else:
             pred = probs.argmax(1)
@@ -264,7 +335,7 @@ def evaluate(
         metrics["val_miou"] = float(mean_iou(cm_np))
         metrics["val_dice"] = metrics["val_miou"]  # model selection key for multi-class
         metrics["val_iou"] = metrics["val_miou"]
-        metrics["val_acc"] = float(np.diag(cm_np).sum() / max(1, cm_np.sum()))
+        metrics["val_acc"] = float(pixel_accuracy(cm_np))
     return metrics, kept
 
 
@@ -350,7 +421,7 @@ def train_fold(
         else make_loader(val_ds, cfg, device)
     )
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, pretrained=not (resume and last_path.is_file())).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.model, cfg.loss).to(device)
@@ -410,6 +481,7 @@ def train_fold(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     fwd = torch.compile(net) if cfg.train.compile else net
+    train_step = TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device)
     eval_model = ema.module if ema is not None else model
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
@@ -456,47 +528,21 @@ def train_fold(
                 for batch in train_loader:
                     if step >= steps_per_epoch:
                         break
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr_at(
-                            global_step, total_steps, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio
-                        )
-                    x = batch[IMAGE].to(device, non_blocking=True)
-                    y = batch[MASK].to(device, non_blocking=True)
-                    if device.type == "cuda" and cfg.train.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast_ctx(device, cfg.train.amp):
-                        loss = loss_fn(fwd(x), y)
-                    if not torch.isfinite(loss.detach()):
-                        raise TrainingError(
-                            f"fold {fold}: loss is {float(loss)} at epoch {epoch + 1}, step {step + 1} "
-                            f"(global step {global_step + 1}); lower optim.lr (now {cfg.optim.lr}), set "
-                            "optim.grad_clip=1.0, or check the inputs of that batch; last.pt holds the last good state"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    if cfg.optim.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    if ema is not None:
-                        ema.update_parameters(model)
+                    lr = lr_at(global_step, total_steps, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
+                    loss = train_step(batch[IMAGE], batch[MASK], lr, global_step)
                     loss_sum += loss.detach()
                     n_steps += 1
                     step += 1
                     global_step += 1
-                    if bar is not None and (step % 10 == 0 or step == steps_per_epoch):
-                        bar.set_postfix(loss=f"{float(loss_sum) / n_steps:.4f}")
+                    if step % 10 == 0 or step == steps_per_epoch:
+                        train_step.check_finite(fold, epoch)  # one host sync per 10 steps, not per step
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{float(loss_sum) / n_steps:.4f}")
                     if bar is not None:
                         bar.update(1)
                 if bar is not None:
                     bar.close()
+                train_step.check_finite(fold, epoch)  # never checkpoint a model that saw a non-finite loss
                 train_loss = float(all_reduce_sum(loss_sum.double().clone(), d)) / max(1, n_steps * d.world)
                 metrics, _ = evaluate(eval_model, val_loader, loss_fn, cfg, device, d)
                 row = {
@@ -711,7 +757,7 @@ def run(cfg: Config, folds: Sequence[int] | None = None, resume: bool = True) ->
     if d.main:
         from pipeline.check_data import require_clean
 
-        require_clean(cfg.data)
+        require_clean(cfg.data, train=True, test=False)
     source = read_source(cfg.data, with_test=False)
     folds_df = resolve_folds(cfg, source, run_dir)
     if d.main:

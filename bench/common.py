@@ -1,0 +1,51 @@
+"""Shared helpers for benchmarks: device description, result files, data location."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.io import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def real_data_dir() -> Path:
+    """../shared/data/buildings-real beside the checkout, or $BUILDSEG_REAL_DATA."""
+    return Path(os.environ.get("BUILDSEG_REAL_DATA", ROOT.parent / "shared" / "data" / "buildings-real"))
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["gpu"] = None
+    return info
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def tiny_data(tmp: Path, size: int = 64, n_train: int = 16, n_test: int = 8) -> Path:
+    """Generated demo tiles for --tiny runs (CPU check of a GPU benchmark)."""
+    from pipeline.demo_data import generate
+
+    return generate(tmp / "demo", n_train=n_train, n_test=n_test, size=size, seed=0)

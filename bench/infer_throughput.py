@@ -1,0 +1,134 @@
+"""Submission throughput: ``make submit``'s path vs the bare forward passes it needs.
+
+    python -m bench.infer_throughput                 # GPU: real test tiles, d4 TTA x 5 folds, bf16
+    python -m bench.infer_throughput --tiny          # CPU check at a tiny size (no GPU figure)
+
+(a) end to end: JPEG decode (DataLoader workers) -> d4 TTA x 5 fold models -> threshold on the
+device -> small-component removal + RLE encode in a thread pool (``submit.predict_and_encode``);
+(b) bare: the same models, batch, precision and number of forward passes on a batch already on the
+device. Both in one run. Goal: (a) >= 0.85 x (b). The fold models are randomly initialised
+(speed does not depend on the weights) and go through real checkpoints and a manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench.common import device_info, real_data_dir, tiny_data, write_result
+from pipeline.config import load_config, to_dict
+from pipeline.data import IMAGE, SegDataset, Split
+from pipeline.infer import load_ensemble, load_manifest, pick_device, predict_batch
+from pipeline.io import save_checkpoint, save_yaml
+from pipeline.layouts import read_source
+from pipeline.models import build_model
+from pipeline.submit import predict_and_encode
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_run(cfg, run_dir: Path, folds: int, tta: str, batch_size: int) -> Path:
+    """A run folder with ``folds`` random checkpoints and a manifest, as training writes them."""
+    ckpts = []
+    for f in range(folds):
+        torch.manual_seed(f)
+        path = run_dir / f"fold{f}" / "best.pt"
+        save_checkpoint(path, {"model": build_model(cfg).state_dict(), "config": to_dict(cfg), "fold": f})
+        ckpts.append(f"fold{f}/best.pt")
+    save_yaml(run_dir / "manifest.yaml", {"checkpoints": ckpts, "tta": tta, "threshold": 0.5, "min_area": 16,
+                                          "batch_size": batch_size, "data_root": cfg.data.root})
+    return run_dir / "manifest.yaml"
+
+
+def measure(cfg, folds: int, tta: str, batch_size: int, workers: int, repeats: int, device_spec: str) -> dict:
+    device = pick_device(device_spec)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = load_manifest(make_run(cfg, Path(tmp) / "run", folds, tta, batch_size))
+        models, _ = load_ensemble(manifest, device)
+    test = read_source(cfg.data, with_train=False).test
+    split = Split(test.names * repeats, test.image_paths * repeats, None)
+    n = len(split)
+
+    # Warm-up both paths (cudnn autotuning, worker start-up is part of (a) as in make submit).
+    x = next(iter(torch.utils.data.DataLoader(SegDataset(split), batch_size=batch_size)))[IMAGE].to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    predict_batch(models, x, tta)
+    _sync(device)
+
+    # (b) bare forward passes on a resident batch: n / batch_size batches worth.
+    n_batches = -(-n // batch_size)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        predict_batch(models, x, tta)
+    _sync(device)
+    bare = n_batches * batch_size / (time.perf_counter() - t0)
+
+    # (a) end to end.
+    t0 = time.perf_counter()
+    rows = predict_and_encode(models, split, tta, 0.5, 16, device, batch_size, workers)
+    _sync(device)
+    e2e = n / (time.perf_counter() - t0)
+    assert len(rows) == n
+    views = {"none": 1, "flip": 3, "d4": 8}[tta]
+    return {
+        "model": f"{cfg.model.arch}/{cfg.model.encoder}",
+        "folds": folds,
+        "tta": tta,
+        "forward_passes_per_image": folds * views,
+        "image_size": int(x.shape[-1]),
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "precision": "bf16" if device.type == "cuda" else "fp32 (cpu)",
+        "images": n,
+        "end_to_end_img_s": round(e2e, 2),
+        "bare_forward_img_s": round(bare, 2),
+        "ratio": round(e2e / bare, 3),
+        **device_info(device),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.infer_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--tta", default="d4")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2, help="pass over the test tiles this many times")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tiny", action="store_true", help="CPU, 64 px generated tiles, resnet18, 2 folds")
+    p.add_argument("--tag", default="")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.tiny:
+            root = tiny_data(Path(tmp))
+            cfg = load_config(a.config, [f"data.root={root}", "model.encoder=resnet18", *a.overrides])
+            result = measure(cfg, 2, "flip", 4, 1, 1, "cpu")
+            tag = a.tag or "cpu-tiny"
+        else:
+            cfg = load_config(a.config, [f"data.root={a.data or real_data_dir()}", *a.overrides])
+            result = measure(cfg, a.folds, a.tta, a.batch_size, a.workers, a.repeats, a.device)
+            tag = a.tag
+    result["goal"] = {"ratio": 0.85}
+    if result["gpu"] is None:
+        result["note"] = "CPU check of the benchmark script only; the GPU figure is still to be measured"
+    path = write_result(f"infer_throughput{'-' + tag if tag else ''}.json", result)
+    print(f"end to end {result['end_to_end_img_s']} img/s, bare forward {result['bare_forward_img_s']} img/s, "
+          f"ratio {result['ratio']} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Config: YAML round trip, overrides, strict keys, checkpoint-safe dicts."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Config, ConfigError, config_from_dict, load_config, run_name, save_config, to_dict
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+def test_round_trip_yaml(tmp_path):
+    cfg = load_config(None, ["train.epochs=3", "model.arch=FPN", "data.mean=[0.1,0.2,0.3]", "loss.ignore_index=255"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert again.train.epochs == 3 and again.model.arch == "FPN" and again.data.mean == (0.1, 0.2, 0.3)
+
+
+def test_to_dict_is_plain_builtins():
+    d = to_dict(Config())
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        else:
+            assert v is None or isinstance(v, (str, int, float, bool)), type(v)
+    walk(d)
+    assert config_from_dict(d) == Config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean 'lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
+        load_config(None, ["modle.arch=Unet"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=abc", "expected an integer"),
+        ("train.epochs=1.5", "expected an integer"),
+        ("train.compile=maybe", "true/false"),
+        ("train.amp=fp8", "bf16, fp16 or none"),
+        ("infer.tta=d8", "none, flip or d4"),
+        ("model.output_stride=4", "8 or 16"),
+        ("data.mean=[1,2]", "expected 3 values"),
+        ("train.epochs", "not key=value"),
+    ],
+)
+def test_bad_values_say_what_is_wrong(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_frozen():
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_run_name_is_derived():
+    assert run_name(Config()) == "unet-resnet34-ce_dice"
+    assert run_name(load_config(None, ["loss.ce_weight=0"])) == "unet-resnet34-dice"
+    assert run_name(load_config(None, ["name=mine"])) == "mine"
+
+
+def test_null_encoder_weights_and_nullable_ignore_index():
+    cfg = load_config(None, ["model.encoder_weights=null", "loss.ignore_index=null"])
+    assert cfg.model.encoder_weights is None and cfg.loss.ignore_index is None
+    cfg = load_config(None, ["model.encoder_weights=imagenet"])
+    assert cfg.model.encoder_weights == "imagenet"

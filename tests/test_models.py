@@ -1,0 +1,259 @@
+"""Models: registry, shapes on CPU with random weights, FCN-8s/DeepLabV3+ structure, SegModel padding and
+normalisation, local encoder weights. Builds are cached: VGG16 models are large (FCN-8s 134M parameters)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from pipeline.config import Config, DataConfig, ModelConfig
+from pipeline.models import (
+    ARCHS,
+    ASPP_RATES,
+    SegModel,
+    build_arch,
+    build_model,
+    count_parameters,
+    load_encoder_weights,
+)
+from pipeline.models.fcn8s import FCN8s, Upsample2x
+
+CASES = [  # (arch, encoder): every registered arch, plus the tutorial's VGG16 U-Net
+    ("Unet", "resnet34"),
+    ("Unet", "vgg16"),
+    ("UnetPlusPlus", "resnet34"),
+    ("FPN", "resnet34"),
+    ("DeepLabV3Plus", "resnet34"),
+    ("FCN8s", "vgg16"),
+]
+
+
+@functools.cache
+def cached_model(arch: str, encoder: str, classes: int) -> SegModel:
+    torch.manual_seed(0)
+    return build_model(Config(model=ModelConfig(arch=arch, encoder=encoder, classes=classes)))
+
+
+def test_registry_covers_the_required_archs():
+    assert {"Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "FCN8s"} <= set(ARCHS)
+    assert {arch for arch, _ in CASES} == set(ARCHS)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+@pytest.mark.parametrize(("arch", "encoder"), CASES)
+def test_forward_backward_shapes(arch, encoder, classes):
+    model = cached_model(arch, encoder, classes)
+    # Forward and backward on a size that needs padding (70x90 -> 96x96); batch 2 for DeepLabV3+, whose
+    # image-pooling BatchNorm needs > 1 value per channel in training. Backward once only: VGG16's fc6
+    # (103M weights) dominates the time on 2 cores.
+    model.train().zero_grad(set_to_none=True)
+    x = torch.randint(0, 256, (2 if arch == "DeepLabV3Plus" else 1, 3, 70, 90), dtype=torch.uint8)
+    logits = model(x)
+    assert logits.shape == (x.shape[0], classes, 70, 90)
+    assert logits.dtype == torch.float32
+    logits.square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    first_conv = next(m for m in model.net.encoder.modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # a size that divides by 32: no padding path
+        assert model.eval()(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, classes, 64, 64)
+
+
+def test_parameter_counts_are_pinned():
+    # Regressions in the builders (wrong depth, decoder, fc6 kernel) change these numbers.
+    assert count_parameters(cached_model("Unet", "resnet34", 1)) == 24_436_369
+    assert count_parameters(cached_model("Unet", "vgg16", 1)) == 23_748_241
+    assert count_parameters(cached_model("FCN8s", "vgg16", 1)) == 134_265_443
+    assert count_parameters(nn.Linear(3, 2)) == 8
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_deeplabv3plus_output_stride_and_aspp_rates(output_stride):
+    net = build_arch(ModelConfig(arch="DeepLabV3Plus", output_stride=output_stride)).eval()
+    dilations = {
+        m.dilation[0] for m in net.decoder.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1
+    }
+    assert dilations == set(ASPP_RATES[output_stride])
+    assert ASPP_RATES[output_stride] == {8: (12, 24, 36), 16: (6, 12, 18)}[output_stride]
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in net.decoder.modules()), "ASPP image pooling"
+    with torch.no_grad():
+        features = net.encoder(torch.zeros(1, 3, 64, 64))
+        assert features[-1].shape[-1] == 64 // output_stride
+        assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_fcn8s_score_layers_on_pool3_pool4_conv7():
+    net = cached_model("FCN8s", "vgg16", 3).net
+    assert isinstance(net, FCN8s)
+    assert isinstance(net.encoder.features[16], nn.MaxPool2d)  # pool3
+    assert isinstance(net.encoder.features[23], nn.MaxPool2d)  # pool4
+    assert net.encoder.classifier[0].kernel_size == (7, 7)  # fc6 as a 7x7 convolution
+    seen = {}
+    hooks = [
+        getattr(net, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, i[0].shape)
+        )
+        for name in ("score_pool3", "score_pool4", "score_fr")
+    ]
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, 64, 64))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {
+        "score_pool3": (1, 256, 8, 8),  # stride 8
+        "score_pool4": (1, 512, 4, 4),  # stride 16
+        "score_fr": (1, 4096, 2, 2),  # conv7, stride 32
+    }
+    assert isinstance(net.upscore2.deconv, nn.ConvTranspose2d)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        net(torch.zeros(1, 3, 40, 64))
+
+
+def test_learned_2x_upsampling_starts_as_exact_bilinear():
+    x = torch.randn(2, 3, 5, 7)
+    expected = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(Upsample2x(3)(x), expected, atol=1e-5, rtol=0)  # borders included
+
+
+class _FirstChannel(nn.Module):
+    """A 'network' that returns its (normalised, padded) input's first channel: exposes pad and crop."""
+
+    encoder = nn.Identity()
+
+    def forward(self, x):
+        assert x.shape[-2] % 32 == 0 and x.shape[-1] % 32 == 0
+        return x[:, :1]
+
+
+@pytest.mark.parametrize(("h", "w"), [(64, 64), (70, 90), (5, 7), (33, 100)])
+def test_segmodel_normalises_pads_and_crops_back_exactly(h, w):
+    model = SegModel(_FirstChannel(), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5), classes=1)
+    x = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)
+    out = model(x)
+    assert out.shape == (2, 1, h, w)
+    expected = (x[:, :1].float() - 0.5 * 255) / (0.2 * 255)
+    torch.testing.assert_close(out, expected)  # same pixels in the same places: the crop is aligned
+
+
+def test_segmodel_uint8_and_float_inputs_agree():
+    model = cached_model("Unet", "resnet34", 1).eval()
+    x = torch.randint(0, 256, (1, 3, 70, 90), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x.float()), atol=0, rtol=0)
+
+
+def test_segmodel_buffers_follow_data_config():
+    cfg = Config(data=DataConfig(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6)), model=ModelConfig(arch="FPN"))
+    model = build_model(cfg)
+    torch.testing.assert_close(model.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]) * 255)
+    torch.testing.assert_close(model.std.flatten(), torch.tensor([0.4, 0.5, 0.6]) * 255)
+    assert "mean" in model.state_dict()
+    with pytest.raises(ValueError, match="channels-first"):
+        model(torch.zeros(1, 64, 64, 3))
+
+
+def test_unknown_arch_encoder_and_fcn_encoder_errors():
+    with pytest.raises(ValueError, match="Registered: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, FCN8s"):
+        build_arch(ModelConfig(arch="Unet3"))
+    with pytest.raises(ValueError, match="did you mean .*resnet34"):
+        build_arch(ModelConfig(encoder="resnet35"))
+    with pytest.raises(ValueError, match="tu-resnet34"):
+        build_arch(ModelConfig(encoder="tu-resnet35"))
+    with pytest.raises(ValueError, match="model.encoder=vgg16"):
+        build_arch(ModelConfig(arch="FCN8s", encoder="resnet34"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_arch(ModelConfig(encoder_weights="missing/encoder.pth"))
+
+
+# ----------------------------------------------------------------------------- local encoder weights
+
+
+def _random_encoder_state(arch="Unet", encoder="resnet34", seed=1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {
+        k: v.clone()
+        for k, v in build_arch(ModelConfig(arch=arch, encoder=encoder)).encoder.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_encoder_weights_from_local_file(tmp_path, suffix):
+    state = _random_encoder_state()
+    path = tmp_path / f"encoder{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    torch.manual_seed(2)  # a different random init, so a no-op load would fail the comparison
+    net = build_arch(ModelConfig(arch="FPN", encoder_weights=str(path)))  # same encoder, another arch
+    loaded = net.encoder.state_dict()
+    for key, value in state.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+
+def test_encoder_weights_from_a_whole_model_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    source = build_model(Config(model=ModelConfig(arch="Unet")))
+    path = tmp_path / "fold0.pt"
+    torch.save({"model": source.state_dict(), "config": {}}, path)  # keys "net.encoder.*"
+    net = build_arch(ModelConfig(arch="DeepLabV3Plus", output_stride=16, encoder_weights=str(path)))
+    torch.testing.assert_close(net.encoder.conv1.weight, source.net.encoder.conv1.weight, rtol=0, atol=0)
+
+
+def test_encoder_weights_mismatch_errors(tmp_path):
+    state = _random_encoder_state()
+    path = tmp_path / "resnet34.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="shape mismatches.*in_channels"):
+        build_arch(ModelConfig(in_channels=4, encoder_weights=str(path)))
+    other = tmp_path / "foreign.pth"
+    torch.save({"backbone.stem.weight": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="none of its 1 tensors"):
+        build_arch(ModelConfig(encoder_weights=str(other)))
+
+
+def test_missing_and_unexpected_counts_and_fc_convolutionalisation():
+    """A Linear weight loads into a same-size conv so that conv(x) == linear(flatten(x)) (FCN fc6)."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Sequential(nn.Conv2d(2, 3, kernel_size=2))
+            self.extra = nn.Conv2d(1, 1, 1)
+
+    linear = nn.Linear(2 * 2 * 2, 3)
+    state = {
+        "classifier.0.weight": linear.weight.detach(),
+        "classifier.0.bias": linear.bias.detach(),
+        "classifier.6.weight": torch.zeros(5, 3),
+    }
+    tiny = Tiny()
+    assert load_encoder_weights(tiny, state) == (2, 1)  # extra.weight/bias missing; classifier.6 unexpected
+    x = torch.randn(4, 2, 2, 2)
+    torch.testing.assert_close(tiny.classifier(x).flatten(1), linear(x.flatten(1)))
+
+
+def test_fcn8s_loads_a_vgg16_features_file(tmp_path):
+    vgg = cached_model("Unet", "vgg16", 1).net.encoder  # smp's vgg16 encoder: keys features.N.*
+    path = tmp_path / "vgg16.pth"
+    torch.save(vgg.state_dict(), path)
+    net = build_arch(ModelConfig(arch="FCN8s", encoder="vgg16", encoder_weights=str(path)))
+    torch.testing.assert_close(net.encoder.features[28].weight, vgg.features[28].weight, rtol=0, atol=0)
+    assert load_encoder_weights(net.encoder, str(path)) == (4, 0)  # fc6/fc7 weight+bias stay random
+
+
+def test_pretrained_false_ignores_encoder_weights_for_checkpoint_rebuilds():
+    # Inference rebuilds from the checkpoint's config, whose weight file may not exist on this machine.
+    cfg = Config(model=ModelConfig(encoder_weights="/training/machine/encoder.pth"))
+    with pytest.raises(FileNotFoundError):
+        build_model(cfg)
+    model = build_model(cfg, pretrained=False).eval()
+    assert model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 1, 32, 32)

@@ -1,0 +1,241 @@
+"""Training: schedule, one-batch overfit, end-to-end k-fold run, resume, determinism, faults."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import train
+from pipeline.config import to_dict
+from pipeline.data import IMAGE, MASK, SegDataset
+from pipeline.io import load_checkpoint, load_yaml
+from pipeline.layouts import read_source
+from pipeline.losses import build_loss
+from pipeline.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lr_schedule_known_values():
+    # warm-up: linear from base/warmup to base; then cosine to base*min_ratio at the last step.
+    assert train.lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert train.lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert train.lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert train.lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert train.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert train.lr_at(0, 100, 0, 2.0, 0.0) == pytest.approx(2.0)
+
+
+def test_one_batch_overfit(tiny_cfg):
+    """A model must be able to memorise one batch: the loss falls well below its start."""
+    cfg = tiny_cfg("aug.d4=false", "aug.shift_scale_rotate_p=0", "aug.color_p=0")
+    torch.manual_seed(0)
+    source = read_source(cfg.data, with_test=False)
+    ds = SegDataset(source.train.subset([i for i in range(len(source.train)) if source.train.masks[i].any()][:4]))
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    model = build_model(cfg)
+    loss_fn = build_loss(cfg.model, cfg.loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    step = train.TrainStep(model, model, loss_fn, opt, None, None, cfg, torch.device("cpu"))
+    model.train()
+    losses = [float(step(batch[IMAGE], batch[MASK], 3e-3)) for _ in range(60)]
+    assert losses[-1] < 0.35 * losses[0], losses[::10]
+    assert losses[-1] < 0.25
+
+
+def test_end_to_end_two_folds_then_submit(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    run_dir = train.run(cfg)
+    assert run_dir == Path(cfg.train.runs_dir) / "tiny"
+    folds = pd.read_csv(run_dir / "folds.csv")
+    names = []
+    for k in (0, 1):
+        fold_dir = run_dir / f"fold{k}"
+        for f in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "oof.npz"):
+            assert (fold_dir / f).is_file(), f
+        metrics = pd.read_csv(fold_dir / "metrics.csv")
+        assert list(metrics["epoch"]) == [1, 2]
+        assert {"train_loss", "val_loss", "val_dice", "val_iou", "lr"} <= set(metrics.columns)
+        assert metrics["val_dice"].between(0, 1).all()
+        with np.load(fold_dir / "oof.npz") as z:
+            oof_names, probs = list(z["names"]), z["probs"]
+        assert probs.dtype == np.uint8 and probs.shape == (len(oof_names), 64, 64)
+        assert set(oof_names) == set(folds.loc[folds["fold"] == k, "name"])
+        names += oof_names
+        best = load_checkpoint(fold_dir / "best.pt")
+        assert best["config"] == to_dict(cfg)
+        assert "threshold" in best and "min_area" in best
+    # Out-of-fold: every training tile predicted exactly once.
+    assert sorted(names) == sorted(folds["name"])
+    manifest = load_yaml(run_dir / "manifest.yaml")
+    assert manifest["checkpoints"] == ["fold0/best.pt", "fold1/best.pt"]
+    assert manifest["threshold"] in cfg.infer.thresholds and manifest["min_area"] in cfg.infer.min_areas
+    search = pd.read_csv(run_dir / "threshold_search.csv")
+    assert len(search) == len(cfg.infer.thresholds) * len(cfg.infer.min_areas)
+    assert manifest["oof"]["oof_dice"] == pytest.approx(search["dice"].max())
+
+    from pipeline.infer import load_manifest
+    from pipeline.submit import make_submission
+    from pipeline.validate import validate_submission
+
+    result = make_submission(load_manifest(run_dir), cfg.data, tmp_path / "subs", device="cpu", num_workers=0)
+    assert result.path.parent == tmp_path / "subs" and result.path.name.startswith("tiny-flip-")
+    assert validate_submission(result.path, Path(cfg.data.root) / cfg.data.sample_csv, (64, 64)) == []
+    assert result.score is not None and 0 <= result.score["dice"] <= 1
+    assert Path(f"{result.path}.score.json").is_file()
+
+
+def _interrupt_at(monkeypatch, at_call: int):
+    """Make the n-th training step raise KeyboardInterrupt (as Ctrl-C would)."""
+    calls = {"n": 0}
+    real = train.TrainStep.__call__
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train.TrainStep, "__call__", step)
+
+
+def test_interrupt_then_resume_matches_uninterrupted(tiny_cfg, monkeypatch, tmp_path):
+    """Ctrl-C mid-epoch saves last.pt at that step; resuming gives the same result as never stopping."""
+    cfg = tiny_cfg("train.epochs=3", "name=resumed", "train.deterministic=true")
+    steps_per_epoch = (12 // 4)  # 24 tiles, 2 folds, batch 4
+    _interrupt_at(monkeypatch, steps_per_epoch + 2)  # epoch 2, after its first step
+    with pytest.raises(SystemExit) as e:
+        train.run(cfg, folds=[0])
+    assert e.value.code == 130
+    state = load_checkpoint(Path(cfg.train.runs_dir) / "resumed/fold0/last.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 1)
+    monkeypatch.undo()
+    train.run(cfg, folds=[0])
+    resumed = pd.read_csv(Path(cfg.train.runs_dir) / "resumed/fold0/metrics.csv")
+    assert list(resumed["epoch"]) == [1, 2, 3]
+
+    straight_cfg = tiny_cfg("train.epochs=3", "name=straight", "train.deterministic=true")
+    train.run(straight_cfg, folds=[0])
+    straight = pd.read_csv(Path(cfg.train.runs_dir) / "straight/fold0/metrics.csv")
+    cols = ["train_loss", "val_loss", "val_dice"]
+    np.testing.assert_allclose(resumed[cols].to_numpy(), straight[cols].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_metrics(tiny_cfg):
+    a = train.run(tiny_cfg("name=a", "train.deterministic=true"), folds=[1])
+    b = train.run(tiny_cfg("name=b", "train.deterministic=true"), folds=[1])
+    ma, mb = (pd.read_csv(r / "fold1/metrics.csv").drop(columns="seconds") for r in (a, b))
+    pd.testing.assert_frame_equal(ma, mb)
+    assert (a / "folds.csv").read_bytes() == (b / "folds.csv").read_bytes()
+
+
+def test_finished_fold_is_not_retrained(tiny_cfg, capsys):
+    cfg = tiny_cfg("train.epochs=1")
+    train.run(cfg, folds=[0])
+    before = (Path(cfg.train.runs_dir) / "tiny/fold0/metrics.csv").read_text()
+    train.run(cfg, folds=[0])
+    assert "already finished" in capsys.readouterr().out
+    assert (Path(cfg.train.runs_dir) / "tiny/fold0/metrics.csv").read_text() == before
+
+
+def test_resume_with_changed_config_is_refused(tiny_cfg):
+    train.run(tiny_cfg("train.epochs=1"), folds=[0])
+    with pytest.raises(train.TrainingError, match="different config"):
+        train.run(tiny_cfg("train.epochs=1", "optim.lr=0.1"), folds=[0])
+
+
+def test_nan_loss_names_the_step(tiny_cfg, monkeypatch):
+    from pipeline import losses
+
+    real = losses.BCEDiceLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, logits, mask):
+        calls["n"] += 1
+        out = real(self, logits, mask)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(losses.BCEDiceLoss, "forward", forward)
+    with pytest.raises(train.TrainingError, match=r"loss is nan at global step 2 \(epoch 1\)"):
+        train.run(tiny_cfg(), folds=[0])
+
+
+def test_unknown_fold_is_an_error(tiny_cfg):
+    with pytest.raises(train.TrainingError, match="do not exist"):
+        train.run(tiny_cfg(), folds=[7])
+
+
+def test_cli_reports_config_errors(capsys):
+    assert train.main(["--config", "configs/demo.yaml", "optim.lrr=1"]) == 2
+    assert "Did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_sigkill_mid_epoch_then_resume(tiny_cfg, tmp_path):
+    """A SIGKILLed run loses at most the epoch in progress; rerunning finishes all epochs."""
+    cfg = tiny_cfg("train.epochs=8", "name=killed")
+    overrides = [f"{k}={v}" for k, v in _flat(to_dict(cfg))]
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(ROOT / "configs/demo.yaml"), "--folds", "0",
+           *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = Path(cfg.train.runs_dir) / "killed/fold0/last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.is_file():
+        time.sleep(0.05)
+    assert last.is_file(), proc.communicate()[0] if proc.poll() is not None else "no last.pt after 120 s"
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(last)  # loadable despite the kill (atomic writes)
+    assert 1 <= state["epoch"] < 8
+    train.run(cfg, folds=[0])
+    metrics = pd.read_csv(Path(cfg.train.runs_dir) / "killed/fold0/metrics.csv")
+    assert list(metrics["epoch"]) == list(range(1, 9))
+    build_model(cfg).load_state_dict(load_checkpoint(last)["model"])
+
+
+def _flat(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flat(v, key + ".")
+        elif isinstance(v, list):
+            yield key, "[" + ",".join(str(x) for x in v) + "]"
+        else:
+            yield key, "null" if v is None else v
+
+
+@pytest.mark.skipif(not hasattr(torch.distributed, "is_gloo_available") or not torch.distributed.is_gloo_available(),
+                    reason="gloo backend not available")
+def test_two_process_ddp_matches_single_process_outputs(tiny_cfg, tmp_path):
+    """torchrun with 2 CPU processes (gloo): training runs, only rank 0 writes, outputs have the same shape."""
+    single = train.run(tiny_cfg("train.epochs=1", "name=single"), folds=[0])
+    cfg = tiny_cfg("train.epochs=1", "name=ddp", "train.batch_size=2")
+    overrides = [f"{k}={v}" for k, v in _flat(to_dict(cfg))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "pipeline.train", "--config", str(ROOT / "configs/demo.yaml"), "--folds", "0", *overrides]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ddp = Path(cfg.train.runs_dir) / "ddp"
+    m_single = pd.read_csv(single / "fold0/metrics.csv")
+    m_ddp = pd.read_csv(ddp / "fold0/metrics.csv")
+    assert list(m_ddp.columns) == list(m_single.columns) and len(m_ddp) == len(m_single) == 1
+    assert math.isfinite(m_ddp["train_loss"].iloc[0]) and 0 <= m_ddp["val_dice"].iloc[0] <= 1
+    with np.load(single / "fold0/oof.npz") as a, np.load(ddp / "fold0/oof.npz") as b:
+        assert a["probs"].shape == b["probs"].shape
+        assert list(a["names"]) == list(b["names"])
+    # Trained: the weights moved away from the initialisation (both ranks start from seed + fold).
+    torch.manual_seed(cfg.train.seed + 0)
+    init = build_model(cfg).state_dict()
+    sd = load_checkpoint(ddp / "fold0/last.pt")["model"]
+    moved = [k for k, v in sd.items() if v.dtype.is_floating_point and not torch.equal(v, init[k])]
+    assert len(moved) > len(sd) // 2
