@@ -192,7 +192,11 @@ viz.mask_summary(masks)"""),
 predicted = Split(test.names, test.image_paths, masks)
 pred_fractions = viz.tile_fractions(predicted)
 display(viz.fraction_histogram(pred_fractions.to_numpy(), "predicted building fraction"))
-pred_fractions[pred_fractions.isin([0.0, 1.0])].rename("empty (0) or full (1)").to_frame()"""),
+odd = pred_fractions[pred_fractions.isin([0.0, 1.0])].rename("fraction (0 = empty, 1 = full)")
+if len(odd):
+    display(odd.to_frame())
+else:
+    print("no empty or full masks")"""),
     ("md", "## Masks over the test tiles\n\nTiles at evenly spaced ranks of predicted building fraction."),
     ("code", "viz.split_grid(predicted, viz.spread_sample(pred_fractions.to_numpy(), EXAMPLES))"),
     ("md", "## Against the ground truth (when the data has it)\n\nGreen TP, red FP, blue FN."),

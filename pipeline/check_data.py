@@ -470,6 +470,8 @@ class _Checker:
                 "or delete it and its CSV row",
                 "truncated-image",
             )
+        if not s and h == w:  # size 0: the first square tile sets the size every other tile must have
+            self.size = s = h
         if (h, w) != (s, s):
             report.error(
                 where,
@@ -738,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-dir", default=d.test_dir)
     p.add_argument("--sample-csv", default=d.sample_csv)
     p.add_argument("--test-mask-csv", default=d.test_mask_csv, help="optional ground truth of the test tiles")
-    p.add_argument("--size", type=int, default=d.image_size, help="expected tile height and width")
+    p.add_argument("--size", type=int, default=d.image_size,
+                   help="expected tile height and width (0: all tiles the size of the first)")
     p.add_argument(
         "--max-per-kind", type=int, default=None, help="show at most this many problems of each kind"
     )

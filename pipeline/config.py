@@ -47,7 +47,7 @@ class DataConfig:
     group_csv: str = ""  # optional CSV with columns name, group (e.g. manifest.csv); folds are grouped by it
     colormap_json: str = ""  # multi-class layouts: class id -> name and colour
     n_folds: int = 5
-    image_size: int = 512  # tiles are expected at this size (check_data); masks are never resized
+    image_size: int = 0  # expected tile size (check_data); 0 = every tile the size of the first one
     crop_size: int = 0  # > 0: pad + random crop (train) / centre crop (val) to this size, for VOC-like sets
     num_workers: int = 2
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

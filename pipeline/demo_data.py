@@ -108,7 +108,9 @@ def plan_scenes(n_train: int, n_test: int) -> list[Scene]:
     grids = {1: (1, 1), 2: (1, 2), 3: (1, 3), 4: (2, 2)}
     scenes: list[Scene] = []
     for split, n in (("train", n_train), ("test", n_test)):
-        sizes = [TILES_PER_SCENE] * (n // TILES_PER_SCENE) + ([n % TILES_PER_SCENE] if n % TILES_PER_SCENE else [])
+        sizes = [TILES_PER_SCENE] * (n // TILES_PER_SCENE) + (
+            [n % TILES_PER_SCENE] if n % TILES_PER_SCENE else []
+        )
         for i, k in enumerate(sizes):
             scenes.append(Scene(len(scenes), split, KINDS[i % len(KINDS)], *grids[k]))
     return scenes
@@ -126,13 +128,17 @@ def _rect(cx: float, cy: float, length: float, width: float, angle: float) -> np
     return np.stack([c - half_l - half_w, c + half_l - half_w, c + half_l + half_w, c - half_l + half_w])
 
 
-def _l_shape(cx: float, cy: float, length: float, width: float, angle: float, rng: np.random.Generator) -> np.ndarray:
+def _l_shape(
+    cx: float, cy: float, length: float, width: float, angle: float, rng: np.random.Generator
+) -> np.ndarray:
     """Corners float [6, 2] of an L: a length x width box with one corner block removed."""
     cut_l = length * rng.uniform(0.35, 0.6)
     cut_w = width * rng.uniform(0.4, 0.6)
     # In the building's own frame, origin at its centre, x along the long side.
     x0, x1, y0, y1 = -length / 2, length / 2, -width / 2, width / 2
-    local = np.array([(x0, y0), (x1, y0), (x1, y1 - cut_w), (x1 - cut_l, y1 - cut_w), (x1 - cut_l, y1), (x0, y1)])
+    local = np.array(
+        [(x0, y0), (x1, y0), (x1, y1 - cut_w), (x1 - cut_l, y1 - cut_w), (x1 - cut_l, y1), (x0, y1)]
+    )
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     return local @ rot.T + np.array([cx, cy])
 
@@ -152,8 +158,14 @@ def _ground(h: int, w: int, style: SceneStyle, unit: float, rng: np.random.Gener
     return img
 
 
-def _draw_roads(img: np.ndarray, blocked: np.ndarray, theta: float, style: SceneStyle, unit: float,
-                rng: np.random.Generator) -> None:
+def _draw_roads(
+    img: np.ndarray,
+    blocked: np.ndarray,
+    theta: float,
+    style: SceneStyle,
+    unit: float,
+    rng: np.random.Generator,
+) -> None:
     h, w = blocked.shape
     diag = math.hypot(h, w)
     for _ in range(int(rng.integers(style.roads[0], style.roads[1] + 1))):
@@ -169,8 +181,14 @@ def _draw_roads(img: np.ndarray, blocked: np.ndarray, theta: float, style: Scene
             cv2.line(img, p0, p1, (168.0, 168.0, 160.0), 1)
 
 
-def _draw_trees(img: np.ndarray, blocked: np.ndarray, style: SceneStyle, unit: float, tiles: float,
-                rng: np.random.Generator) -> None:
+def _draw_trees(
+    img: np.ndarray,
+    blocked: np.ndarray,
+    style: SceneStyle,
+    unit: float,
+    tiles: float,
+    rng: np.random.Generator,
+) -> None:
     h, w = blocked.shape
     n_clusters = rng.poisson(style.trees_per_tile * tiles / 4)
     for _ in range(n_clusters):
@@ -184,11 +202,25 @@ def _draw_trees(img: np.ndarray, blocked: np.ndarray, style: SceneStyle, unit: f
             tone = rng.uniform(0.8, 1.15)
             cv2.circle(img, (x, y), r, tuple(float(c * tone) for c in TREE_COLOUR), -1)
             # A lighter crown highlight towards the sun makes trees round, unlike flat roofs.
-            cv2.circle(img, (x - r // 3, y - r // 3), max(1, r // 2), tuple(float(c * tone * 1.35) for c in TREE_COLOUR), -1)
+            cv2.circle(
+                img,
+                (x - r // 3, y - r // 3),
+                max(1, r // 2),
+                tuple(float(c * tone * 1.35) for c in TREE_COLOUR),
+                -1,
+            )
 
 
-def _draw_buildings(img: np.ndarray, mask: np.ndarray, blocked: np.ndarray, theta: float, style: SceneStyle,
-                    unit: float, tiles: float, rng: np.random.Generator) -> None:
+def _draw_buildings(
+    img: np.ndarray,
+    mask: np.ndarray,
+    blocked: np.ndarray,
+    theta: float,
+    style: SceneStyle,
+    unit: float,
+    tiles: float,
+    rng: np.random.Generator,
+) -> None:
     """Place non-overlapping buildings off the roads; paint shadows, then roofs; fill ``mask``."""
     h, w = mask.shape
     shadows = np.zeros((h, w), np.uint8)
@@ -205,7 +237,9 @@ def _draw_buildings(img: np.ndarray, mask: np.ndarray, blocked: np.ndarray, thet
         angle = theta + rng.normal(0, 0.05) + (math.pi / 2 if rng.random() < 0.3 else 0.0)
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
         l_shaped = rng.random() < 0.3
-        poly = _l_shape(cx, cy, length, width, angle, rng) if l_shaped else _rect(cx, cy, length, width, angle)
+        poly = (
+            _l_shape(cx, cy, length, width, angle, rng) if l_shaped else _rect(cx, cy, length, width, angle)
+        )
         # Rasterise into the bounding box only and reject any overlap with roads or other buildings.
         x0, y0 = np.floor(poly.min(axis=0)).astype(int) - margin
         x1, y1 = np.ceil(poly.max(axis=0)).astype(int) + margin + 1
@@ -233,13 +267,19 @@ def _draw_buildings(img: np.ndarray, mask: np.ndarray, blocked: np.ndarray, thet
 def _gable_roof(img: np.ndarray, rect: np.ndarray, colour: np.ndarray) -> None:
     """Two tones split along the ridge (the long axis of ``rect`` [4, 2]): one side lit, one shaded."""
     mid_a, mid_b = (rect[0] + rect[3]) / 2, (rect[1] + rect[2]) / 2
-    lit, shaded = np.stack([rect[0], rect[1], mid_b, mid_a]), np.stack([mid_a, mid_b, rect[2], rect[3]])
+    lit = np.stack([rect[0], rect[1], mid_b, mid_a])
     if np.dot(rect[3] - rect[0], SHADOW_DIRECTION) < 0:  # the side facing the sun is the lit one
-        lit, shaded = shaded, lit
+        lit = np.stack([mid_a, mid_b, rect[2], rect[3]])
+    # The whole rectangle first (exactly the pixels of the mask), then the lit half over it.
+    cv2.fillPoly(img, [_ipoly(rect)], tuple(float(c) for c in colour * 0.72))
     cv2.fillPoly(img, [_ipoly(lit)], tuple(float(c) for c in np.minimum(colour * 1.12, 255)))
-    cv2.fillPoly(img, [_ipoly(shaded)], tuple(float(c) for c in colour * 0.72))
-    cv2.line(img, tuple(np.round(mid_a).astype(int)), tuple(np.round(mid_b).astype(int)),
-             tuple(float(c) for c in np.minimum(colour * 1.25, 255)), 1)
+    cv2.line(
+        img,
+        tuple(np.round(mid_a).astype(int)),
+        tuple(np.round(mid_b).astype(int)),
+        tuple(float(c) for c in np.minimum(colour * 1.25, 255)),
+        1,
+    )
 
 
 def _flat_roof(img: np.ndarray, poly: np.ndarray, colour: np.ndarray) -> None:
@@ -259,7 +299,7 @@ def _flat_roof(img: np.ndarray, poly: np.ndarray, colour: np.ndarray) -> None:
 
 
 def render_scene(scene: Scene, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one scene: image uint8 [rows*size, cols*size, 3] and mask uint8 [rows*size, cols*size] (1 = roof)."""
+    """Draw one scene: image uint8 [R*size, C*size, 3], mask uint8 [R*size, C*size] (1 = roof)."""
     rng = np.random.default_rng([seed, scene.index])  # one stream per scene: scenes are independent
     style = STYLES[scene.kind]
     h, w = scene.rows * size, scene.cols * size
@@ -279,17 +319,29 @@ def render_scene(scene: Scene, size: int, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def _stamp(n_train: int, n_test: int, size: int, seed: int) -> str:
-    params = {"generator": "pipeline.demo_data", "version": GENERATOR_VERSION,
-              "n_train": n_train, "n_test": n_test, "size": size, "seed": seed}
+    params = {
+        "generator": "pipeline.demo_data",
+        "version": GENERATOR_VERSION,
+        "n_train": n_train,
+        "n_test": n_test,
+        "size": size,
+        "seed": seed,
+    }
     return json.dumps(params, sort_keys=True) + "\n"
 
 
-def is_current(out_dir: str | Path, n_train: int = 64, n_test: int = 16, size: int = 512, seed: int = 0) -> bool:
+def is_current(
+    out_dir: str | Path, n_train: int = 64, n_test: int = 16, size: int = 512, seed: int = 0
+) -> bool:
     """True if ``out_dir`` holds a complete demo data set made with these parameters."""
     out = Path(out_dir)
     stamp = out / STAMP
-    return (stamp.is_file() and stamp.read_text() == _stamp(n_train, n_test, size, seed)
-            and (out / "train_mask.csv").is_file() and (out / "manifest.csv").is_file())
+    return (
+        stamp.is_file()
+        and stamp.read_text() == _stamp(n_train, n_test, size, seed)
+        and (out / "train_mask.csv").is_file()
+        and (out / "manifest.csv").is_file()
+    )
 
 
 def _jpeg(image: np.ndarray) -> bytes:
@@ -298,8 +350,8 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_folder(tmp: Path, n_train: int, n_test: int, size: int, seed: int) -> dict[str, float]:
-    """Render every scene and write the whole layout into ``tmp``; returns summary numbers."""
+def _write_folder(tmp: Path, n_train: int, n_test: int, size: int, seed: int) -> None:
+    """Render every scene and write the whole layout into ``tmp``."""
     scenes = plan_scenes(n_train, n_test)
     # Tile names are shuffled across scenes: sorted names must not reveal the groups.
     numbers = np.random.default_rng([seed, 1_000_003]).permutation(n_train + n_test) + 1
@@ -322,14 +374,15 @@ def _write_folder(tmp: Path, n_train: int, n_test: int, size: int, seed: int) ->
     (tmp / "test_a_mask.csv").write_text("".join(f"{n}\t{s}\n" for n, s, _ in test))
     (tmp / "test_a_samplesubmit.csv").write_text("".join(f"{n}\t\n" for n, _, _ in test))
     manifest = sorted([(n, "train", g) for n, _, g in train] + [(n, "test_a", g) for n, _, g in test])
-    (tmp / "manifest.csv").write_text("name,split,group\n" + "".join(f"{n},{s},{g}\n" for n, s, g in manifest))
+    (tmp / "manifest.csv").write_text(
+        "name,split,group\n" + "".join(f"{n},{s},{g}\n" for n, s, g in manifest)
+    )
     (tmp / STAMP).write_text(_stamp(n_train, n_test, size, seed))  # last: marks the folder complete
-    fractions = [rle.decode(s, (size, size)).mean() if s else 0.0 for _, s, _ in train]
-    return {"scenes": len(scenes), "fraction": float(np.mean(fractions)) if fractions else 0.0,
-            "empty": sum(not s for _, s, _ in train)}
 
 
-def generate(out_dir: str | Path, n_train: int = 64, n_test: int = 16, size: int = 512, seed: int = 0) -> Path:
+def generate(
+    out_dir: str | Path, n_train: int = 64, n_test: int = 16, size: int = 512, seed: int = 0
+) -> Path:
     """Write the demo data set to ``out_dir`` (see the module docstring) and return its path.
 
     Does nothing if ``out_dir`` already holds this data set (same parameters, per ``.demo_stamp``).
@@ -371,6 +424,20 @@ def _umask() -> int:
     return mask
 
 
+def summary(out_dir: str | Path, size: int) -> str:
+    """One line about a generated folder: tiles, scenes, building fraction and empty masks of train."""
+    out = Path(out_dir)
+    rles = [line.partition("\t")[2] for line in (out / "train_mask.csv").read_text().splitlines()]
+    masks = rle.decode_many(rles, (size, size), source=str(out / "train_mask.csv"))
+    fractions = masks.reshape(len(masks), -1).mean(axis=1)
+    manifest = (out / "manifest.csv").read_text().splitlines()[1:]
+    n_groups = len({line.rsplit(",", 1)[1] for line in manifest})
+    return (
+        f"{len(rles)} train + {len(manifest) - len(rles)} test tiles of {size}x{size}, {n_groups} scenes; "
+        f"train building fraction {fractions.mean():.3f}, {int((fractions == 0).sum())} empty masks"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.demo_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder (default data/demo)")
@@ -387,14 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    masks = rle.decode_many(
-        [line.split("\t", 1)[1].rstrip("\n") for line in (a.out / "train_mask.csv").read_text().splitlines(True)],
-        (a.size, a.size),
-    )
-    fractions = masks.reshape(len(masks), -1).mean(axis=1)
-    n_groups = len({line.rsplit(",", 1)[1] for line in (a.out / "manifest.csv").read_text().splitlines()[1:]})
-    print(f"wrote {a.out}: {a.n_train} train + {a.n_test} test tiles of {a.size}x{a.size} from {n_groups} scenes; "
-          f"building fraction {fractions.mean():.3f}, {int((fractions == 0).sum())} empty train masks")
+    print(f"wrote {a.out}: {summary(a.out, a.size)}")
     return 0
 
 

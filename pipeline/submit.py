@@ -12,6 +12,7 @@ truth (``test_a_mask.csv``) exists.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import postprocess, rle
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import ConfigError, DataConfig, load_config
 from pipeline.data import DataError
 from pipeline.infer import Manifest, iter_predictions, load_ensemble, load_manifest, pick_device
 from pipeline.io import CheckpointError, atomic_write
@@ -122,6 +123,16 @@ def make_submission(
     return result
 
 
+def run_data_config(manifest: Manifest, root: str = "") -> DataConfig:
+    """The data section the run was trained with (file names, tile size), pointed at ``root`` if given."""
+    cfg_path = manifest.run_dir / "config.yaml"
+    data = load_config(cfg_path).data if cfg_path.is_file() else DataConfig()
+    root = root or manifest.data_root or data.root
+    if not root:
+        raise ConfigError("no data folder: pass --data DIR (the manifest has no data_root)")
+    return dataclasses.replace(data, root=root)
+
+
 def _shape_of(path: Path) -> tuple[int, int]:
     from pipeline.data import image_size
 
@@ -140,12 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         manifest = load_manifest(a.run or latest_run())
-        root = a.data or manifest.data_root
-        if not root:
-            raise ConfigError("no data folder: pass --data DIR (the manifest has no data_root)")
+        data = run_data_config(manifest, a.data)
         from pipeline.check_data import require_clean
 
-        data = DataConfig(root=root)
         require_clean(data, train=False)
         result = make_submission(manifest, data, a.out, a.tta, a.device, a.batch_size, a.workers)
     except (ConfigError, DataError, CheckpointError, rle.RLEError) as e:

@@ -450,6 +450,7 @@ def train_fold(
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
 
     start_epoch, skip_steps, global_step = 0, 0, 0
+    resumed_loss: tuple[float, int] = (0.0, 0)
     best_dice, best_epoch, bad_epochs = -1.0, -1, 0
     history: list[dict[str, float]] = []
     if resume and last_path.is_file():
@@ -469,6 +470,7 @@ def train_fold(
         global_step = state["global_step"]
         best_dice, best_epoch, bad_epochs = state["best_dice"], state["best_epoch"], state["bad_epochs"]
         history = list(state["history"])
+        resumed_loss = tuple(state.get("partial_loss", (0.0, 0)))
         if d.main:
             print(f"fold {fold}: resuming at epoch {start_epoch + 1}, step {skip_steps} ({last_path})")
     elif d.main:
@@ -484,7 +486,8 @@ def train_fold(
     train_step = TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device)
     eval_model = ema.module if ema is not None else model
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+    def checkpoint(epoch: int, step_in_epoch: int, partial: tuple[float, int] = (0.0, 0)) -> None:
+        """Save last.pt; ``partial`` = (loss sum, steps) of an unfinished epoch so its mean survives a resume."""
         if not d.main:
             return
         save_checkpoint(
@@ -503,10 +506,12 @@ def train_fold(
                 "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs,
                 "history": history,
+                "partial_loss": list(partial),
             },
         )
 
     epoch, step = start_epoch, skip_steps
+    loss_sum, n_steps = torch.zeros((), device=device), 0
     if start_epoch >= cfg.train.epochs or (cfg.train.patience and bad_epochs >= cfg.train.patience):
         if d.main:
             print(f"fold {fold}: already finished ({start_epoch} epochs)")
@@ -522,8 +527,9 @@ def train_fold(
                 step = skip_steps
                 skip_steps = 0
                 t0 = time.time()
-                loss_sum = torch.zeros((), device=device)
-                n_steps = 0
+                loss_sum = torch.full((), resumed_loss[0], dtype=torch.float32, device=device)
+                n_steps = resumed_loss[1]
+                resumed_loss = (0.0, 0)
                 bar = _progress(steps_per_epoch, step, f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}", d)
                 for batch in train_loader:
                     if step >= steps_per_epoch:
@@ -581,7 +587,7 @@ def train_fold(
                         flush=True,
                     )
     except (KeyboardInterrupt, _Interrupted) as e:
-        checkpoint(epoch, step)
+        checkpoint(epoch, step, (float(loss_sum), n_steps))
         if d.main:
             print(
                 f"\nfold {fold}: interrupted ({type(e).__name__} {e}) at epoch {epoch + 1}, step {step}; saved "
@@ -626,7 +632,7 @@ def train_fold(
 def _progress(total: int, initial: int, desc: str, d: Dist) -> Any:
     if not d.main:
         return None
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: it warns in Jupyter without ipywidgets
 
     return tqdm(
         total=total,

@@ -60,9 +60,9 @@ __all__ = [
     "FN_COLOR",
     "FP_COLOR",
     "TP_COLOR",
-    "TileScores",
     "Run",
     "RunError",
+    "TileScores",
     "Unavailable",
     "agreement_heatmap",
     "channel_stats",
@@ -881,6 +881,9 @@ def learning_curves(metrics_by_fold: Mapping[int, pd.DataFrame]) -> Figure:
             a1.scatter(
                 [df["epoch"].iloc[best]], [df["val_dice"].iloc[best]], color=c, marker="*", s=80, zorder=3
             )
+    losses = [df[c].to_numpy() for df in metrics_by_fold.values() for c in ("train_loss", "val_loss")]
+    if losses and all((v > 0).all() for v in losses):
+        a0.set_yscale("log")  # an early validation spike (8 vs 0.4) would flatten the rest on a linear axis
     a0.set_title("loss", fontsize=9)
     a0.legend(
         handles=[
@@ -923,6 +926,7 @@ def threshold_curve(
             color=_fold_color(i),
             alpha=1.0 if chosen else 0.7,
         )
+    title = "OOF Dice against threshold"
     if chosen_threshold is not None and chosen_min_area is not None:
         row = search_df[
             np.isclose(search_df["threshold"], chosen_threshold)
@@ -931,16 +935,13 @@ def threshold_curve(
         if len(row):
             y = float(row["dice"].iloc[0])
             ax.scatter([chosen_threshold], [y], marker="*", s=200, color="k", zorder=4)
-            ax.annotate(
-                f"chosen: t={chosen_threshold:.2f}, min_area={chosen_min_area}, Dice {y:.4f}",
-                (chosen_threshold, y),
-                textcoords="offset points",
-                xytext=(6, -14),
-                fontsize=8,
+            # In the title, not beside the star: a label there collides with the curves.
+            title += (
+                f"; chosen (star): threshold {chosen_threshold:.2f}, min_area {chosen_min_area}, Dice {y:.4f}"
             )
     ax.set_xlabel("threshold")
     ax.set_ylabel("OOF mean Dice")
-    ax.set_title("OOF Dice against threshold", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncols=2)
     return fig

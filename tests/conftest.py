@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("BUILDSEG_REAL_DATA", ROOT.parent / "shared" / "data" / "buildings-real"))
 
 TINY_OVERRIDES = [
-    "model.encoder=resnet18",
+    "model.encoder=tu-mobilenetv3_small_050",  # 0.4 M parameters: checkpoints stay small and fast
     "model.decoder_channels=[32,16,16,8,8]",
     "data.n_folds=2",
     "data.num_workers=0",

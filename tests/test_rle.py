@@ -20,7 +20,9 @@ from hypothesis.extra.numpy import arrays
 from pipeline import rle
 from pipeline.rle import RLEError
 
-REAL_DATA = Path(os.environ.get("BUILDSEG_REAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/buildings-real"))
+REAL_DATA = Path(
+    os.environ.get("BUILDSEG_REAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/buildings-real")
+)
 
 
 def _reference_encode(mask: np.ndarray) -> str:
@@ -126,8 +128,26 @@ def test_careful_path_decodes_like_the_canonical_path(mask, sep, zero_pad):
 
 def test_numbers_at_every_digit_count_boundary_parse_exactly():
     # parse() does not paint, so a huge shape costs nothing; 8 digits is the fast path's limit.
-    values = [1, 9, 10, 99, 100, 999, 1000, 9999, 10**4, 10**5 - 1, 10**5, 10**6 - 1, 10**6, 10**7 - 1,
-              10**7, 10**8 - 1, 10**8, 10**9]
+    values = [
+        1,
+        9,
+        10,
+        99,
+        100,
+        999,
+        1000,
+        9999,
+        10**4,
+        10**5 - 1,
+        10**5,
+        10**6 - 1,
+        10**6,
+        10**7 - 1,
+        10**7,
+        10**8 - 1,
+        10**8,
+        10**9,
+    ]
     shape = (10**5, 10**5)
     for v in values:
         starts, lengths = rle.parse(f"{v} {v} {2 * v + 5} 1", shape)
@@ -135,8 +155,29 @@ def test_numbers_at_every_digit_count_boundary_parse_exactly():
 
 
 def test_numbers_at_every_digit_count_boundary_format_exactly():
-    values = np.array([1, 9, 10, 99, 100, 999, 1000, 9999, 10**4, 12345, 10**5 - 1, 10**5, 10**6 - 1, 10**6,
-                       1234567, 10**7 - 1, 7, 80, 900])
+    values = np.array(
+        [
+            1,
+            9,
+            10,
+            99,
+            100,
+            999,
+            1000,
+            9999,
+            10**4,
+            12345,
+            10**5 - 1,
+            10**5,
+            10**6 - 1,
+            10**6,
+            1234567,
+            10**7 - 1,
+            7,
+            80,
+            900,
+        ]
+    )
     assert rle._format_ints(values) == " ".join(map(str, values.tolist()))
 
 

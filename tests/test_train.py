@@ -127,7 +127,7 @@ def test_interrupt_then_resume_matches_uninterrupted(tiny_cfg, monkeypatch, tmp_
     straight_cfg = tiny_cfg("train.epochs=3", "name=straight", "train.deterministic=true")
     train.run(straight_cfg, folds=[0])
     straight = pd.read_csv(Path(cfg.train.runs_dir) / "straight/fold0/metrics.csv")
-    cols = ["train_loss", "val_loss", "val_dice"]
+    cols = ["train_loss", "val_loss", "val_dice", "val_iou"]
     np.testing.assert_allclose(resumed[cols].to_numpy(), straight[cols].to_numpy(), rtol=1e-5, atol=1e-6)
 
 

@@ -191,6 +191,11 @@ def test_learning_curves_axes_and_lines() -> None:
     assert len(loss.lines) == 6 and len(dice.lines) == 3  # train + val per fold; Dice per fold
     assert len(dice.collections) == 3  # best-epoch markers
     assert dice.lines[0].get_ydata()[-1] == pytest.approx(0.9)
+    assert (
+        loss.get_yscale() == "log"
+    )  # positive losses: a log axis keeps early spikes from flattening the rest
+    negative = _metrics(0).assign(train_loss=-1.0)
+    assert viz.learning_curves({0: negative}).axes[0].get_yscale() == "linear"
 
 
 def test_threshold_curve_one_line_per_min_area_and_star() -> None:
@@ -205,6 +210,7 @@ def test_threshold_curve_one_line_per_min_area_and_star() -> None:
     assert widths["min_area 16"] > widths["min_area 0"]
     (star,) = ax.collections
     assert star.get_offsets().tolist() == [[0.5, pytest.approx(0.8 + 0.05 - 0.016)]]
+    assert "threshold 0.50, min_area 16, Dice 0.8340" in ax.get_title()
     assert len(viz.threshold_curve(df).axes[0].collections) == 0  # nothing chosen, nothing starred
 
 

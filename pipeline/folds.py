@@ -1,0 +1,340 @@
+"""K-fold split of the training tiles, stratified by building fraction and grouped by scene.
+
+    python -m pipeline.folds --data DIR [--n-folds 5 --seed 42 --group-csv PATH --out DIR/folds.csv]
+
+Folds are data: ``folds.csv`` (``name,fold``, sorted by name) is made once from a seed, kept beside
+the data, and every run reads it with :func:`load_folds`, so runs and their out-of-fold predictions
+are comparable.
+
+* Stratified: tiles are binned by building-pixel fraction (empty tiles are a bin of their own, the
+  others quantile bins), and every fold gets its share of every bin, so no fold is all dense
+  downtown or all empty fields, and validation Dice is comparable across folds.
+* Grouped: adjacent tiles cut from one scene share buildings across their borders and one look;
+  with them split over folds, validation leaks. With ``groups`` (a ``name,group`` CSV such as the
+  real data's ``manifest.csv``, used by default when ``DIR/manifest.csv`` has a ``group`` column),
+  whole groups are assigned to folds, greedily, largest first, each to the fold where it best
+  evens out fold sizes and bin counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline import rle
+from pipeline.io import atomic_write_text
+
+MAX_BINS = 10  # quantile bins of the non-empty tiles (deciles), fewer when there are few tiles
+
+
+class FoldsError(ValueError):
+    """Folds that cannot be made or used; the message says how to fix it."""
+
+
+def _listing(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (", ..." if len(items) > limit else "")
+
+
+def fraction_bins(masks_fraction: np.ndarray, n_folds: int) -> np.ndarray:
+    """Stratification bin per tile, int [N]: 0 = empty, 1..B = quantile bins of the non-empty tiles.
+
+    B = min(MAX_BINS, n_non_empty // n_folds), at least 1, so each bin can reach every fold.
+    Ties are broken by position, so equal inputs always give equal bins.
+    """
+    bins = np.zeros(len(masks_fraction), dtype=np.int64)
+    nonempty = np.flatnonzero(masks_fraction > 0)
+    if nonempty.size:
+        n_bins = max(1, min(MAX_BINS, nonempty.size // n_folds))
+        order = nonempty[np.argsort(masks_fraction[nonempty], kind="stable")]
+        bins[order] = 1 + np.arange(nonempty.size) * n_bins // nonempty.size
+    return bins
+
+
+def make_folds(
+    names: Sequence[str],
+    masks_fraction: np.ndarray,
+    n_folds: int = 5,
+    seed: int = 42,
+    groups: Sequence | None = None,
+) -> pd.DataFrame:
+    """Assign every tile to one of ``n_folds`` folds, stratified by building fraction, grouped if asked.
+
+    Args:
+        names: tile names [N], unique.
+        masks_fraction: float [N] in [0, 1], building pixels / all pixels per tile.
+        n_folds: k >= 2.
+        seed: the split is a pure function of the inputs and this seed.
+        groups: optional group label per tile [N], compared as strings; a group never spans two folds.
+
+    Returns:
+        DataFrame with columns ``name`` (str) and ``fold`` (int64 in 0..k-1), sorted by name.
+    """
+    names = [str(n) for n in names]
+    fractions = np.asarray(masks_fraction, dtype=np.float64)
+    _check_inputs(names, fractions, n_folds, groups)
+    bins = fraction_bins(fractions, n_folds)
+    n_bins = int(bins.max()) + 1
+    # Units that move together: one per group, or one per tile.
+    if groups is None:
+        unit_of = np.arange(len(names))
+    else:
+        _, unit_of = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    n_units = int(unit_of.max()) + 1
+    if n_units < n_folds:
+        what = "groups" if groups is not None else "tiles"
+        raise FoldsError(
+            f"only {n_units} {what} for {n_folds} folds: use --n-folds {max(2, n_units)} or fewer"
+            + (", or finer groups" if groups is not None else "")
+        )
+    counts = np.zeros((n_units, n_bins), dtype=np.int64)  # tiles of each bin in each unit
+    np.add.at(counts, (unit_of, bins), 1)
+    sizes = counts.sum(axis=1)
+
+    rng = np.random.default_rng(seed)
+    tie = rng.permutation(n_units)  # seeded tie-break among equal units
+    fold_rank = rng.permutation(n_folds)  # seeded tie-break among equally good folds
+    # Placement order: largest units first (the hardest to place); among equal sizes, groups of one
+    # kind of tile before mixed ones (the mixed ones then even out what is left, as sklearn's
+    # StratifiedGroupKFold does), then by main bin, so that single tiles are dealt bin by bin, which
+    # keeps every bin within one tile across folds.
+    purity = counts.max(axis=1) / sizes
+    order = np.lexsort((tie, counts.argmax(axis=1), -purity, -sizes))
+
+    target_bin = counts.sum(axis=0) / n_folds  # float [B]
+    target_size = len(names) / n_folds
+    fold_bins = np.zeros((n_folds, n_bins))
+    fold_size = np.zeros(n_folds)
+    fold_of_unit = np.empty(n_units, dtype=np.int64)
+    for u in order:
+        # Increase in squared relative imbalance if unit u joined each fold, float [K]. Bins are
+        # smaller than folds, so for single tiles a tile too many in a bin costs more than one too
+        # many in a fold; the size term is weighted by the number of bins so that with whole groups
+        # it still counts as much as all bins together (else sizes give way: 56 vs 32 tiles seen).
+        grow = (fold_bins + counts[u] - target_bin) ** 2 - (fold_bins - target_bin) ** 2  # [K, B]
+        bin_cost = (grow / np.maximum(target_bin, 1)).sum(axis=1)
+        size_cost = ((fold_size + sizes[u] - target_size) ** 2 - (fold_size - target_size) ** 2) / target_size
+        cost = np.round(bin_cost + n_bins * size_cost, 9)  # rounded: float noise must not outrank the ties
+        best = np.lexsort((fold_rank, fold_size, cost))[0]
+        fold_of_unit[u] = best
+        fold_bins[best] += counts[u]
+        fold_size[best] += sizes[u]
+    if (fold_size == 0).any():  # possible only with a few huge groups
+        raise FoldsError(
+            f"fold(s) {np.flatnonzero(fold_size == 0).tolist()} got no tiles: the groups are too uneven "
+            f"for {n_folds} folds; use fewer folds"
+        )
+    df = pd.DataFrame({"name": names, "fold": fold_of_unit[unit_of]})
+    return df.sort_values("name", ignore_index=True)
+
+
+def _check_inputs(names: list[str], fractions: np.ndarray, n_folds: int, groups: Sequence | None) -> None:
+    if n_folds < 2:
+        raise FoldsError(f"n_folds must be >= 2, got {n_folds}")
+    if len(names) < n_folds:
+        raise FoldsError(f"only {len(names)} tiles for {n_folds} folds: use fewer folds")
+    if fractions.shape != (len(names),):
+        raise FoldsError(
+            f"masks_fraction has shape {fractions.shape}; expected one value per name ({len(names)})"
+        )
+    if not np.all((fractions >= 0) & (fractions <= 1)):  # also catches NaN
+        bad = [names[i] for i in np.flatnonzero(~((fractions >= 0) & (fractions <= 1)))]
+        raise FoldsError(
+            f"building fractions must be in [0, 1]; not so for {len(bad)} tiles ({_listing(bad)})"
+        )
+    if len(set(names)) != len(names):
+        dup = sorted(pd.Series(names)[pd.Series(names).duplicated()].unique())
+        raise FoldsError(
+            f"{len(dup)} tile names occur more than once ({_listing(dup)}); names must be unique"
+        )
+    if groups is not None:
+        if len(groups) != len(names):
+            raise FoldsError(f"groups has {len(groups)} labels; expected one per name ({len(names)})")
+        missing = [
+            n
+            for n, g in zip(names, groups)
+            if g is None or g is pd.NA or (isinstance(g, float) and np.isnan(g))
+        ]
+        if missing:
+            raise FoldsError(
+                f"{len(missing)} tiles have no group ({_listing(missing)}); give every tile a group"
+            )
+
+
+def load_folds(path: str | Path, names: Sequence[str]) -> pd.DataFrame:
+    """Read ``folds.csv`` and check it against the training tiles ``names`` [N].
+
+    Returns a frame with columns ``name``, ``fold`` (int64), one row per name, in the order of
+    ``names`` (so ``.fold.to_numpy()[i]`` is the fold of ``names[i]``). Raises FoldsError, saying
+    how to fix it, if a tile is missing, listed twice or unknown, or folds are not 0..k-1.
+    """
+    path = Path(path)
+    fix = f"re-run make folds (python -m pipeline.folds --data {path.parent})"
+    if not path.is_file():
+        raise FoldsError(f"{path} not found: {fix}")
+    try:
+        df = pd.read_csv(path, dtype={"name": str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise FoldsError(f"{path} is not a readable CSV ({e}): {fix}") from None
+    if not {"name", "fold"} <= set(df.columns):
+        raise FoldsError(f"{path} needs columns name,fold; it has {list(df.columns)}: {fix}")
+    folds = pd.to_numeric(df["fold"], errors="coerce")
+    bad = df["name"][folds.isna() | (folds != folds.round())].tolist()
+    if bad:
+        raise FoldsError(
+            f"{path}: {len(bad)} tiles have a fold that is not an integer ({_listing(bad)}): {fix}"
+        )
+    df = pd.DataFrame({"name": df["name"].astype(str), "fold": folds.astype(np.int64)})
+    problems = []
+    dup = sorted(df["name"][df["name"].duplicated()].unique())
+    if dup:
+        problems.append(f"lists {len(dup)} tiles more than once ({_listing(dup)})")
+    wanted = [str(n) for n in names]
+    known = set(df["name"])
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        problems.append(f"lacks {len(missing)} training tiles ({_listing(missing)})")
+    extra = sorted(known - set(wanted))
+    if extra:
+        problems.append(
+            f"has {len(extra)} tiles that are not training tiles ({_listing(extra)}), from another data set?"
+        )
+    ks = sorted(set(df["fold"]))
+    if ks and ks != list(range(len(ks))):
+        problems.append(f"has folds {ks}; folds must be numbered 0..k-1 with none empty")
+    if problems:
+        raise FoldsError(f"{path} " + "; ".join(problems) + f": {fix}")
+    return df.set_index("name").loc[wanted].reset_index()
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def read_groups(path: str | Path, names: Sequence[str]) -> list[str]:
+    """Group label per name [N] from a CSV with columns ``name`` and ``group`` (other columns ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FoldsError(f"group CSV {path} not found; pass --group-csv PATH or --no-groups")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"name", "group"} <= set(table.columns):
+        raise FoldsError(f"group CSV {path} needs columns name and group; it has {list(table.columns)}")
+    group_of = dict(zip(table["name"], table["group"]))
+    missing = [n for n in names if not group_of.get(n)]
+    if missing:
+        raise FoldsError(
+            f"{len(missing)} training tiles have no group in {path} ({_listing(missing)}): "
+            "add them, or pass --no-groups"
+        )
+    return [group_of[n] for n in names]
+
+
+def mask_fractions(
+    rles: Sequence[str], shape: tuple[int, int], source: str, names: Sequence[str], chunk: int = 256
+) -> np.ndarray:
+    """Building fraction per tile, float [N], decoding ``chunk`` masks at a time (bounded memory).
+
+    Every malformed row of every chunk is reported in one RLEError.
+    """
+    n = len(rles)
+    fractions = np.empty(n)
+    buf = np.empty((min(chunk, max(n, 1)), *shape), dtype=np.uint8)
+    problems = []
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        try:
+            rle.decode_many(
+                rles[lo:hi], shape, out=buf[: hi - lo], source=source, names=names[lo:hi], first_row=lo + 1
+            )
+        except rle.RLEError as e:
+            problems.extend(str(e).splitlines()[1:])
+            continue
+        fractions[lo:hi] = np.count_nonzero(buf[: hi - lo].reshape(hi - lo, -1), axis=1) / (
+            shape[0] * shape[1]
+        )
+    if problems:
+        raise rle.RLEError(
+            f"{len(problems)} malformed RLE value(s):\n"
+            + "\n".join(problems)
+            + "\nfix them (python -m pipeline.check_data lists every problem) and re-run make folds"
+        )
+    return fractions
+
+
+def _tile_shape(train_dir: Path, first: str) -> tuple[int, int]:
+    path = train_dir / first
+    if not path.is_file():
+        raise FoldsError(f"{path} not found: the mask size is read from the first training image")
+    with Image.open(path) as im:
+        w, h = im.size
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.folds", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="data folder with train_mask.csv and train/")
+    p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=42)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--group-csv", type=Path, help="CSV with columns name, group (default: DATA/manifest.csv)")
+    g.add_argument("--no-groups", action="store_true", help="ignore DATA/manifest.csv; stratify only")
+    p.add_argument("--out", type=Path, help="output CSV (default: DATA/folds.csv)")
+    a = p.parse_args(argv)
+    try:
+        summary = write_folds(a.data, a.n_folds, a.seed, a.group_csv, a.no_groups, a.out)
+    except (FoldsError, rle.RLEError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+def write_folds(
+    data: Path,
+    n_folds: int = 5,
+    seed: int = 42,
+    group_csv: Path | None = None,
+    no_groups: bool = False,
+    out: Path | None = None,
+) -> str:
+    """The CLI's work: read ``data``, make folds, write them atomically; returns a printable summary."""
+    csv = data / "train_mask.csv"
+    if not csv.is_file():
+        raise FoldsError(f"{csv} not found: point --data at a folder in the competition layout")
+    df = pd.read_csv(csv, sep="\t", header=None, names=["name", "rle"], keep_default_na=False, dtype=str)
+    if df.empty:
+        raise FoldsError(f"{csv} lists no tiles")
+    names = df["name"].tolist()
+    fractions = mask_fractions(df["rle"].tolist(), _tile_shape(data / "train", names[0]), str(csv), names)
+    if group_csv is None and not no_groups:
+        manifest = data / "manifest.csv"
+        if manifest.is_file() and "group" in pd.read_csv(manifest, nrows=0).columns:
+            group_csv = manifest
+    groups = read_groups(group_csv, names) if group_csv is not None else None
+    folds = make_folds(names, fractions, n_folds, seed, groups)
+    out = out or data / "folds.csv"
+    atomic_write_text(out, folds.to_csv(index=False))
+
+    frac_of = dict(zip(names, fractions))
+    group_of = dict(zip(names, groups)) if groups is not None else {}
+    lines = [
+        f"wrote {out}: {len(folds)} tiles, {n_folds} folds, seed {seed}, "
+        + (f"grouped by {group_csv} ({len(set(groups))} groups)" if groups is not None else "not grouped")
+    ]
+    for k, part in folds.groupby("fold"):
+        f = np.array([frac_of[n] for n in part["name"]])
+        n_groups = f", {len({group_of[n] for n in part['name']})} groups" if group_of else ""
+        empty = int((f == 0).sum())
+        lines.append(
+            f"  fold {k}: {len(part):5d} tiles, mean fraction {f.mean():.4f}, {empty} empty{n_groups}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
