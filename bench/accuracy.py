@@ -67,8 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if a.tiny:
             root = tiny_data(Path(tmp), size=64, n_train=16, n_test=8)
-            over = ["train.device=cpu", "model.encoder=resnet18", "data.n_folds=2", "train.epochs=1",
-                    "train.batch_size=4", "data.num_workers=0", f"train.runs_dir={tmp}/runs"]
+            over = [
+                "train.device=cpu",
+                "model.encoder=resnet18",
+                "data.n_folds=2",
+                "train.epochs=1",
+                "train.batch_size=4",
+                "data.num_workers=0",
+                f"train.runs_dir={tmp}/runs",
+            ]
             out_name = "accuracy-cpu-tiny.json"
         else:
             root, over, out_name = a.data or real_data_dir(), [], a.out

@@ -43,8 +43,17 @@ def make_run(cfg, run_dir: Path, folds: int, tta: str, batch_size: int) -> Path:
         path = run_dir / f"fold{f}" / "best.pt"
         save_checkpoint(path, {"model": build_model(cfg).state_dict(), "config": to_dict(cfg), "fold": f})
         ckpts.append(f"fold{f}/best.pt")
-    save_yaml(run_dir / "manifest.yaml", {"checkpoints": ckpts, "tta": tta, "threshold": 0.5, "min_area": 16,
-                                          "batch_size": batch_size, "data_root": cfg.data.root})
+    save_yaml(
+        run_dir / "manifest.yaml",
+        {
+            "checkpoints": ckpts,
+            "tta": tta,
+            "threshold": 0.5,
+            "min_area": 16,
+            "batch_size": batch_size,
+            "data_root": cfg.data.root,
+        },
+    )
     return run_dir / "manifest.yaml"
 
 
@@ -125,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result["gpu"] is None:
         result["note"] = "CPU check of the benchmark script only; the GPU figure is still to be measured"
     path = write_result(f"infer_throughput{'-' + tag if tag else ''}.json", result)
-    print(f"end to end {result['end_to_end_img_s']} img/s, bare forward {result['bare_forward_img_s']} img/s, "
-          f"ratio {result['ratio']} -> {path}")
+    print(
+        f"end to end {result['end_to_end_img_s']} img/s, bare forward {result['bare_forward_img_s']} img/s, "
+        f"ratio {result['ratio']} -> {path}"
+    )
     return 0
 
 

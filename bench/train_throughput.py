@@ -111,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--tiny", action="store_true", help="CPU, 64 px generated tiles, resnet18, 3 steps")
     p.add_argument("--tag", default="", help="suffix of the result file name")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=32 train.compile=true")
+    p.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. train.batch_size=32 train.compile=true"
+    )
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if a.tiny:
@@ -126,8 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result["gpu"] is None:
         result["note"] = "CPU check of the benchmark script only; the GPU figure is still to be measured"
     path = write_result(f"train_throughput{'-' + tag if tag else ''}.json", result)
-    print(f"full loop {result['full_loop_img_s']} img/s, model only {result['model_only_img_s']} img/s, "
-          f"ratio {result['ratio']}, peak {result['peak_gpu_mem_gib']} GiB -> {path}")
+    print(
+        f"full loop {result['full_loop_img_s']} img/s, model only {result['model_only_img_s']} img/s, "
+        f"ratio {result['ratio']}, peak {result['peak_gpu_mem_gib']} GiB -> {path}"
+    )
     return 0
 
 

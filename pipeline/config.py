@@ -167,7 +167,7 @@ def run_name(cfg: Config) -> str:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of builtins (tuples become lists) — safe for YAML and ``torch.load(weights_only=True)``."""
+    """Plain nested dict of builtins (tuples become lists): safe for YAML and ``weights_only`` loading."""
 
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):

@@ -55,8 +55,17 @@ def load_manifest(path: str | Path) -> Manifest:
     if not path.is_file():
         raise ConfigError(f"{path} not found; train first (make train) or pass RUN=runs/<run>")
     data = load_yaml(path) or {}
-    known = {"checkpoints", "tta", "threshold", "min_area", "batch_size", "tile_size", "overlap", "classes",
-             "data_root"}
+    known = {
+        "checkpoints",
+        "tta",
+        "threshold",
+        "min_area",
+        "batch_size",
+        "tile_size",
+        "overlap",
+        "classes",
+        "data_root",
+    }
     ckpts = data.get("checkpoints") or []
     if not ckpts:
         raise ConfigError(f"{path}: 'checkpoints' is empty; list at least one fold*/best.pt")
@@ -86,7 +95,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     try:
         cfg = config_from_dict(state["config"])
     except ConfigError as e:
-        raise CheckpointError(f"{path}: the config inside is not valid for this version of buildseg: {e}") from None
+        raise CheckpointError(
+            f"{path}: the config inside is not valid for this version of buildseg: {e}"
+        ) from None
     model = build_model(cfg, pretrained=False)  # the checkpoint has the weights: never download
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state
@@ -102,8 +113,10 @@ def load_ensemble(manifest: Manifest, device: torch.device) -> tuple[list[torch.
         cfgs.append(cfg)
     classes = {c.model.classes for c in cfgs}
     if len(classes) != 1:
-        raise ConfigError(f"{manifest.run_dir}: checkpoints disagree on model.classes ({classes}); "
-                          "an ensemble must predict the same classes")
+        raise ConfigError(
+            f"{manifest.run_dir}: checkpoints disagree on model.classes ({classes}); "
+            "an ensemble must predict the same classes"
+        )
     return models, cfgs[0]
 
 
@@ -114,7 +127,9 @@ def pick_device(spec: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def predict_batch(models: Sequence[torch.nn.Module], x: torch.Tensor, tta: str, classes: int = 1) -> torch.Tensor:
+def predict_batch(
+    models: Sequence[torch.nn.Module], x: torch.Tensor, tta: str, classes: int = 1
+) -> torch.Tensor:
     """Average probabilities over models and TTA views.
 
     Args:
@@ -166,8 +181,9 @@ def iter_predictions(
         yield list(batch[NAME]), out.cpu().numpy()
 
 
-def predict_folds(manifest_path: str | Path, image_paths: Sequence[str | Path], tta: str = "none",
-                  device: str = "auto") -> dict[int, np.ndarray]:
+def predict_folds(
+    manifest_path: str | Path, image_paths: Sequence[str | Path], tta: str = "none", device: str = "auto"
+) -> dict[int, np.ndarray]:
     """Per-fold probabilities float32 [N, H, W] for the given images (notebooks: fold agreement)."""
     manifest = load_manifest(manifest_path)
     dev = pick_device(device)
@@ -176,7 +192,10 @@ def predict_folds(manifest_path: str | Path, image_paths: Sequence[str | Path], 
     out = {}
     for c in manifest.checkpoints:
         model, cfg, state = load_model(manifest.run_dir / c, dev)
-        probs = [p for _, p in iter_predictions([model], split, tta, dev, manifest.batch_size, 0, cfg.model.classes)]
+        probs = [
+            p
+            for _, p in iter_predictions([model], split, tta, dev, manifest.batch_size, 0, cfg.model.classes)
+        ]
         out[int(state.get("fold", len(out)))] = np.concatenate(probs)
     return out
 
@@ -184,8 +203,13 @@ def predict_folds(manifest_path: str | Path, image_paths: Sequence[str | Path], 
 # ----------------------------------------------------------------------------- large scenes
 
 
-def predict_scene_file(manifest_path: str | Path, scene: str | Path, out: str | Path, tta: str | None = None,
-                       device: str = "auto") -> Path:
+def predict_scene_file(
+    manifest_path: str | Path,
+    scene: str | Path,
+    out: str | Path,
+    tta: str | None = None,
+    device: str = "auto",
+) -> Path:
     """Sliding-window ensemble prediction over a large GeoTIFF/JPEG; writes a uint8 mask GeoTIFF."""
     from pipeline import tiling
 
@@ -198,8 +222,15 @@ def predict_scene_file(manifest_path: str | Path, scene: str | Path, out: str | 
         x = torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))).to(dev)
         return predict_batch(models, x, tta_name, cfg.model.classes)[:, 0].cpu().numpy()
 
-    tiling.predict_scene(scene, out, predict_fn, tile=manifest.tile_size, overlap=manifest.overlap,
-                         batch_size=manifest.batch_size, threshold=manifest.threshold)
+    tiling.predict_scene(
+        scene,
+        out,
+        predict_fn,
+        tile=manifest.tile_size,
+        overlap=manifest.overlap,
+        batch_size=manifest.batch_size,
+        threshold=manifest.threshold,
+    )
     return Path(out)
 
 

@@ -23,7 +23,6 @@ from typing import IO, Any
 
 import yaml
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once at import: mkstemp creates 0600 files, we want what open() would give
 

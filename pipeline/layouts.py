@@ -1,17 +1,54 @@
 """Data set layouts, by name: each reader turns a folder into labelled train and (optional) test splits.
 
-``LAYOUTS[cfg.data.layout](cfg.data) -> Source``. The competition layout is binary; other layouts
-(VOC, Cityscapes-style) register here with their class names and colours.
+``LAYOUTS[cfg.data.layout](cfg.data) -> Source``. Three layouts:
+
+``competition`` (binary buildings; see :mod:`pipeline.data`)::
+
+    <root>/train/*.jpg  train_mask.csv  test_a/*.jpg  test_a_samplesubmit.csv  [test_a_mask.csv]
+
+``voc`` (PASCAL VOC segmentation)::
+
+    <root>/JPEGImages/<id>.jpg
+    <root>/SegmentationClass/<id>.png          palette PNG: the palette *index* of a pixel is its class id,
+                                               255 = the "void" border (ignored by loss and metrics)
+    <root>/ImageSets/Segmentation/train.txt    one <id> per line: the training split (k-fold)
+    <root>/ImageSets/Segmentation/val.txt      optional: the test split, scored against its masks
+
+  Classes are VOC's 21 (background + 20) with the standard VOC palette, unless ``data.colormap_json``
+  is given (then its classes, in the format below).
+
+``cityscapes`` (a simple Cityscapes-style layout: label-id PNGs plus a colormap)::
+
+    <root>/images/{train,val}/[<city>/]<name>.png|.jpg
+    <root>/labels/{train,val}/[<city>/]<stem>.png   8-bit (mode L or P) PNG of label ids, same stem
+                                                    (Cityscapes' ``*_leftImg8bit`` images also find
+                                                    their ``*_gtFine_labelIds.png``)
+    data.colormap_json                              required, e.g.
+        {"classes": [{"id": 0, "name": "road", "color": [128, 64, 128]}, ...], "ignore_index": 255}
+
+Colormap JSON. ``classes`` lists ``id`` (the value stored in the PNG), ``name`` and ``color`` (RGB).
+Without ``train_id`` the ids are the class ids and must be 0..K-1. With ``train_id`` (Cityscapes'
+labelIds -> trainIds) the PNG value ``id`` is mapped to class ``train_id`` on reading; entries whose
+``train_id`` is the ``ignore_index`` are void. A mask pixel whose value is neither a listed id nor
+``ignore_index`` is an error naming the file: a silent wrong label is the worst kind of bug.
+A relative ``colormap_json`` path is looked up in the data folder first, then the working directory.
+
+Masks of the ``voc`` and ``cityscapes`` layouts are read lazily, one PNG per ``masks[i]``, at their
+native size (never resized here: augmentation crops/pads them with nearest-neighbour only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from pipeline.config import DataConfig
-from pipeline.data import DataError, Split, load_labelled, load_unlabelled
+from pipeline.data import IMAGE_SUFFIXES, DataError, Split, load_labelled, load_unlabelled
 
 Color = tuple[int, int, int]
 
@@ -22,12 +59,14 @@ class Source:
 
     ``train``: labelled tiles for k-fold training. ``test``: tiles to predict, in submission order
     (``test.masks`` set when ground truth exists). ``class_names``/``colors`` index by class id.
+    ``ignore_index``: the mask value that means "not labelled" in this layout (VOC: 255), or None.
     """
 
     train: Split
     test: Split | None
     class_names: list[str]
     colors: list[Color] = field(default_factory=list)
+    ignore_index: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -36,6 +75,189 @@ class Source:
 
 BUILDING_CLASSES = ["background", "building"]
 BUILDING_COLORS: list[Color] = [(0, 0, 0), (255, 255, 255)]
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+]  # fmt: skip
+VOC_IGNORE = 255
+
+
+def voc_colors(n: int = 256) -> list[Color]:
+    """The standard VOC palette: colour of class ``c`` from the bits of ``c`` spread over R, G, B.
+
+    ``voc_colors()[0] == (0, 0, 0)``, ``[1] == (128, 0, 0)``, ``[15] == (192, 128, 128)`` (person),
+    ``[255] == (224, 224, 192)`` (the void border).
+    """
+    colors = []
+    for c in range(n):
+        r = g = b = 0
+        cid = c
+        for j in range(8):
+            r |= ((cid >> 0) & 1) << (7 - j)
+            g |= ((cid >> 1) & 1) << (7 - j)
+            b |= ((cid >> 2) & 1) << (7 - j)
+            cid >>= 3
+        colors.append((r, g, b))
+    return colors
+
+
+# ----------------------------------------------------------------------------- colormaps and masks
+
+
+@dataclass(frozen=True)
+class Colormap:
+    """Classes of a multi-class layout.
+
+    ``names``/``colors`` [K] index by class id; ``lut`` int16 [256] maps a PNG value to its class id
+    (or ``ignore_index``), -1 where the value is not allowed.
+    """
+
+    names: list[str]
+    colors: list[Color]
+    ignore_index: int | None
+    lut: np.ndarray
+    source: str = ""
+
+    @classmethod
+    def identity(cls, names: Sequence[str], colors: Sequence[Color], ignore_index: int | None, source: str):
+        """PNG value = class id for 0..K-1, plus ``ignore_index``."""
+        lut = np.full(256, -1, dtype=np.int16)
+        lut[: len(names)] = np.arange(len(names))
+        if ignore_index is not None:
+            lut[ignore_index] = ignore_index
+        return cls(list(names), [tuple(c) for c in colors], ignore_index, lut, source)
+
+
+def _fail(path: Path, what: str) -> DataError:
+    example = '{"classes": [{"id": 0, "name": "road", "color": [128, 64, 128]}, ...], "ignore_index": 255}'
+    return DataError(f"colormap {path}: {what}. Expected JSON like {example}")
+
+
+def read_colormap(path: str | Path) -> Colormap:
+    """Read a colormap JSON (format in the module docstring) into a :class:`Colormap`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"colormap {path} not found; set data.colormap_json to the colormap file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), list) or not data["classes"]:
+        raise _fail(path, "needs a non-empty list 'classes'")
+    ignore = data.get("ignore_index", VOC_IGNORE)
+    if ignore is not None and (not isinstance(ignore, int) or not 0 <= ignore <= 255):
+        raise _fail(path, f"ignore_index must be an integer 0..255 or null, got {ignore!r}")
+    entries = []
+    for i, c in enumerate(data["classes"]):
+        if not isinstance(c, dict) or not {"id", "name", "color"} <= set(c):
+            raise _fail(path, f"classes[{i}] must have keys id, name, color; got {c!r}")
+        pid, tid, color = c["id"], c.get("train_id", c["id"]), c["color"]
+        if not (isinstance(pid, int) and 0 <= pid <= 255 and isinstance(tid, int) and 0 <= tid <= 255):
+            raise _fail(path, f"classes[{i}] ({c['name']}): id and train_id must be integers 0..255")
+        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255
+                                                                    for v in color)):
+            raise _fail(path, f"classes[{i}] ({c['name']}): color must be [r, g, b] with 0..255 integers")
+        entries.append((pid, tid, str(c["name"]), (color[0], color[1], color[2])))
+    ids = [e[0] for e in entries]
+    dup = sorted({x for x in ids if ids.count(x) > 1})
+    if dup:
+        raise _fail(path, f"ids {dup} are listed more than once")
+    if ignore is not None and ignore in ids and not any(e[0] == ignore and e[1] == ignore for e in entries):
+        raise _fail(path, f"id {ignore} is both a class and the ignore_index; change one of them")
+    classes = sorted((e for e in entries if e[1] != ignore), key=lambda e: e[1])
+    tids = [e[1] for e in classes]
+    if tids != list(range(len(tids))):
+        raise _fail(
+            path,
+            f"class ids (train_id, or id when train_id is absent) must be 0..K-1, each once; got {tids}. "
+            "Renumber them, or map the PNG values with train_id",
+        )
+    lut = np.full(256, -1, dtype=np.int16)
+    for pid, tid, _, _ in entries:
+        lut[pid] = tid
+    if ignore is not None:
+        lut[ignore] = ignore
+    return Colormap([e[2] for e in classes], [e[3] for e in classes], ignore, lut, str(path))
+
+
+class LabelPngs(Sequence):
+    """Lazy masks: ``masks[i]`` reads ``paths[i]`` (8-bit PNG, mode P or L) -> uint8 [H, W] class ids.
+
+    The PNG values go through ``colormap.lut``; a value the colormap does not allow is a
+    :class:`DataError` naming the file. No resizing. Picklable (DataLoader workers).
+    """
+
+    def __init__(self, paths: Sequence[Path], colormap: Colormap):
+        self.paths = list(paths)
+        self.colormap = colormap
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return read_label_png(self.paths[i], self.colormap)
+
+
+def read_label_png(path: str | Path, colormap: Colormap) -> np.ndarray:
+    """One label PNG -> uint8 [H, W] class ids (and ``ignore_index``), checked against ``colormap``."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode not in ("P", "L"):
+                raise DataError(
+                    f"{path}: mask is a {mode} image; masks must be 8-bit PNGs whose pixel values (mode L) "
+                    "or palette indices (mode P, as VOC's SegmentationClass) are class ids. Convert colour "
+                    "masks to ids first"
+                )
+            values = np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"mask {path} not found") from None
+    except (OSError, SyntaxError) as e:
+        raise DataError(f"{path} is not a readable PNG ({e}); re-export or remove it") from None
+    ids = colormap.lut[values]
+    if (ids < 0).any():
+        bad = np.unique(values[ids < 0]).tolist()
+        raise DataError(
+            f"{path}: pixel values {bad[:10]} are not class ids of {colormap.source or 'the colormap'} "
+            f"(allowed: {_allowed(colormap)}); fix the mask, or list the values in the colormap JSON "
+            "(with train_id to remap or void them)"
+        )
+    return ids.astype(np.uint8)
+
+
+def _allowed(colormap: Colormap) -> str:
+    values = np.flatnonzero(colormap.lut >= 0).tolist()
+    k = len(colormap.names)
+    if values[:k] == list(range(k)) and values[k:] in ([], [colormap.ignore_index]):
+        return f"0..{k - 1}" + (f" and ignore {colormap.ignore_index}" if values[k:] else "")
+    return ", ".join(map(str, values[:20])) + (" ..." if len(values) > 20 else "")
+
+
+def _resolve(root: Path, path: str) -> Path:
+    """A relative path is looked up in the data folder first, then the working directory."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or not (root / p).is_file():
+        return p
+    return root / p
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{path}/ not found: {what}")
+    return path
+
+
+def _problems(items: list[str], what: str, fix: str) -> DataError:
+    shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+    return DataError(f"{len(items)} {what}: {shown}. {fix}")
+
+
+# ----------------------------------------------------------------------------- readers
 
 
 def read_competition(cfg: DataConfig, with_train: bool = True, with_test: bool = True) -> Source:
@@ -62,8 +284,109 @@ def read_competition(cfg: DataConfig, with_train: bool = True, with_test: bool =
     return Source(train, test, BUILDING_CLASSES, BUILDING_COLORS)
 
 
+def _voc_split(root: Path, list_path: Path, colormap: Colormap) -> Split:
+    lines = [ln.strip() for ln in list_path.read_text().splitlines()]
+    ids = [ln.split()[0] for ln in lines if ln]
+    if not ids:
+        raise DataError(f"{list_path} lists no images; write one image id per line (e.g. 2007_000032)")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise _problems(dup, f"ids listed twice in {list_path}", "Keep one line per image")
+    img_dir, mask_dir = root / "JPEGImages", root / "SegmentationClass"
+    images, masks, missing_img, missing_mask = [], [], [], []
+    for i in ids:
+        found = next((img_dir / f"{i}{s}" for s in IMAGE_SUFFIXES if (img_dir / f"{i}{s}").is_file()), None)
+        if found is None:
+            missing_img.append(i)
+        images.append(found)
+        masks.append(mask_dir / f"{i}.png")
+        if not masks[-1].is_file():
+            missing_mask.append(i)
+    if missing_img:
+        raise _problems(missing_img, f"ids in {list_path} have no image in {img_dir}/ (<id>.jpg)",
+                        "Restore the images or remove the lines")
+    if missing_mask:
+        raise _problems(missing_mask, f"ids in {list_path} have no mask in {mask_dir}/ (<id>.png)",
+                        "Restore the masks or remove the lines")
+    return Split([p.name for p in images], images, LabelPngs(masks, colormap))
+
+
+def read_voc(cfg: DataConfig, with_train: bool = True, with_test: bool = True) -> Source:
+    """PASCAL VOC: train = ``ImageSets/Segmentation/train.txt``; test = ``val.txt``, its masks the truth."""
+    root = Path(cfg.root)
+    _require_dir(root, "the VOC folder (the one holding JPEGImages/, SegmentationClass/, ImageSets/)")
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        _require_dir(
+            root / sub,
+            "a VOC folder has JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/; "
+            f"is data.root={root} the VOC2012 folder itself?",
+        )
+    if cfg.colormap_json:
+        cmap = read_colormap(_resolve(root, cfg.colormap_json))
+    else:
+        cmap = Colormap.identity(VOC_CLASSES, voc_colors(len(VOC_CLASSES)), VOC_IGNORE, "the VOC classes")
+    lists = root / "ImageSets" / "Segmentation"
+    train = Split([], [], None)
+    if with_train:
+        if not (lists / "train.txt").is_file():
+            raise DataError(f"{lists / 'train.txt'} not found: list the training image ids in it, one a line")
+        train = _voc_split(root, lists / "train.txt", cmap)
+    test = _voc_split(root, lists / "val.txt", cmap) if with_test and (lists / "val.txt").is_file() else None
+    return Source(train, test, cmap.names, cmap.colors, cmap.ignore_index)
+
+
+def _cityscapes_label(label_dir: Path, rel: Path) -> Path:
+    """``<stem>.png`` beside the image's relative path, or Cityscapes' ``*_gtFine_labelIds.png``."""
+    plain = label_dir / rel.with_suffix(".png")
+    if plain.is_file() or not rel.stem.endswith("_leftImg8bit"):
+        return plain
+    cs = label_dir / rel.parent / (rel.stem.removesuffix("_leftImg8bit") + "_gtFine_labelIds.png")
+    return cs if cs.is_file() else plain
+
+
+def _cityscapes_split(root: Path, split: str, cmap: Colormap, need_labels: bool) -> Split | None:
+    img_dir, label_dir = root / "images" / split, root / "labels" / split
+    if not img_dir.is_dir():
+        if need_labels:
+            raise DataError(f"{img_dir}/ not found: the cityscapes layout keeps images in images/{split}/")
+        return None
+    rels = sorted(p.relative_to(img_dir) for p in img_dir.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not rels:
+        raise DataError(f"{img_dir}/ holds no images (.png/.jpg)")
+    images = [img_dir / r for r in rels]
+    names = [r.as_posix() for r in rels]
+    if not label_dir.is_dir():
+        if need_labels:
+            raise DataError(f"{label_dir}/ not found: training needs a label PNG for each image there")
+        return Split(names, images, None)
+    labels = [_cityscapes_label(label_dir, r) for r in rels]
+    missing = [str(p.relative_to(root)) for p in labels if not p.is_file()]
+    if missing:
+        raise _problems(missing, f"images in {img_dir}/ have no label PNG",
+                        f"Add them (same relative path and stem, .png) to {label_dir}/ or remove the images")
+    return Split(names, images, LabelPngs(labels, cmap))
+
+
+def read_cityscapes(cfg: DataConfig, with_train: bool = True, with_test: bool = True) -> Source:
+    """Cityscapes-style: ``images/{train,val}`` + ``labels/{train,val}`` label-id PNGs + a colormap JSON."""
+    root = Path(cfg.root)
+    _require_dir(root, "the data folder (holding images/ and labels/)")
+    if not cfg.colormap_json:
+        raise DataError(
+            "layout cityscapes needs data.colormap_json: a JSON file mapping label ids to names and colours, "
+            'e.g. {"classes": [{"id": 0, "name": "road", "color": [128, 64, 128]}], "ignore_index": 255}'
+        )
+    cmap = read_colormap(_resolve(root, cfg.colormap_json))
+    train = _cityscapes_split(root, "train", cmap, need_labels=True) if with_train else Split([], [], None)
+    test = _cityscapes_split(root, "val", cmap, need_labels=False) if with_test else None
+    return Source(train, test, cmap.names, cmap.colors, cmap.ignore_index)
+
+
 LAYOUTS: dict[str, Callable[..., Source]] = {
     "competition": read_competition,
+    "voc": read_voc,
+    "cityscapes": read_cityscapes,
 }
 
 
@@ -74,3 +397,20 @@ def read_source(cfg: DataConfig, with_train: bool = True, with_test: bool = True
     except KeyError:
         raise DataError(f"unknown data.layout '{cfg.layout}'; choose one of {sorted(LAYOUTS)}") from None
     return reader(cfg, with_train=with_train, with_test=with_test)
+
+
+def foreground_fraction(split: Split, ignore_index: int | None = None) -> np.ndarray:
+    """Fraction of labelled pixels that are not background (class 0), float [N]; for multi-class folds.
+
+    Binary masks give the building fraction (as ``Split.building_fraction``); ignored pixels count in
+    neither numerator nor denominator. A mask with no labelled pixel gives 0.
+    """
+    if split.masks is None:
+        raise DataError("this split has no masks")
+    out = np.zeros(len(split))
+    for i in range(len(split)):
+        m = np.asarray(split.masks[i])
+        valid = m != ignore_index if ignore_index is not None else np.ones(m.shape, bool)
+        n = int(valid.sum())
+        out[i] = float(((m != 0) & valid).sum()) / n if n else 0.0
+    return out

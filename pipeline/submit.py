@@ -91,7 +91,9 @@ def make_submission(
     they do not serialise with the forward passes.
     """
     if manifest.classes != 1:
-        raise ConfigError("RLE submissions are binary (classes=1); for multi-class runs use python -m pipeline.predict")
+        raise ConfigError(
+            "RLE submissions are binary (classes=1); for multi-class runs use python -m pipeline.predict"
+        )
     t0 = time.time()
     source = read_source(data, with_train=False)
     if source.test is None or not len(source.test):
@@ -99,8 +101,16 @@ def make_submission(
     dev = pick_device(device)
     models, _ = load_ensemble(manifest, dev)
     tta_name = tta or manifest.tta
-    rows = predict_and_encode(models, source.test, tta_name, manifest.threshold, manifest.min_area, dev,
-                              batch_size or manifest.batch_size, num_workers)
+    rows = predict_and_encode(
+        models,
+        source.test,
+        tta_name,
+        manifest.threshold,
+        manifest.min_area,
+        dev,
+        batch_size or manifest.batch_size,
+        num_workers,
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(out_dir) / f"{manifest.name}-{tta_name}-{stamp}.csv"
     with atomic_write(path, "w") as f:
@@ -110,7 +120,11 @@ def make_submission(
     from pipeline.validate import validate_submission
 
     sample = Path(data.root) / data.sample_csv
-    shape = source.test.masks.shape[1:] if source.test.masks is not None else _shape_of(source.test.image_paths[0])
+    shape = (
+        source.test.masks.shape[1:]
+        if source.test.masks is not None
+        else _shape_of(source.test.image_paths[0])
+    )
     problems = validate_submission(path, sample if sample.is_file() else None, tuple(shape))
     if problems:
         raise DataError(f"{path} failed validation:\n  " + "\n  ".join(problems))
@@ -143,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="", help="run folder or manifest.yaml (default: the newest run in runs/)")
     p.add_argument("--data", default="", help="data folder (default: the run's data_root)")
-    p.add_argument("--tta", default=None, choices=["none", "flip", "d4"], help="override the manifest's TTA set")
+    p.add_argument(
+        "--tta", default=None, choices=["none", "flip", "d4"], help="override the manifest's TTA set"
+    )
     p.add_argument("--out", default="submissions")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None)
@@ -159,10 +175,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, rle.RLEError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"submission: {result.path}  ({result.rows} tiles, {result.empty} empty masks, "
-          f"{result.seconds:.1f}s) - validated OK")
+    print(
+        f"submission: {result.path}  ({result.rows} tiles, {result.empty} empty masks, "
+        f"{result.seconds:.1f}s) - validated OK"
+    )
     if result.score:
-        print(f"score: Dice {result.score['dice']:.4f}  IoU {result.score['iou']:.4f}  -> {result.path}.score.json")
+        print(
+            f"score: Dice {result.score['dice']:.4f}  IoU {result.score['iou']:.4f}"
+            f"  -> {result.path}.score.json"
+        )
     return 0
 
 

@@ -164,7 +164,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def make_loader(
     ds: SegDataset, cfg: Config, device: torch.device, sampler: Any = None, batch_size: int = 0
 ) -> DataLoader:
-    """DataLoader with pinned memory on CUDA; workers are re-created per epoch so ``set_epoch`` reaches them."""
+    """DataLoader, pinned memory on CUDA; workers are re-created per epoch so ``set_epoch`` reaches them."""
     workers = cfg.data.num_workers
     return DataLoader(
         ds,
@@ -203,7 +203,7 @@ def save_on_signal() -> Iterator[None]:
 
 
 class TrainStep:
-    """One optimisation step (forward, loss, backward, clip, step, EMA); shared with bench/train_throughput.py.
+    """One optimisation step (forward, loss, backward, clip, step, EMA); shared with the benchmark.
 
     Non-finite losses are detected without a host sync per step: the first bad global step is
     recorded on the device and :meth:`check_finite` (called every few steps) raises naming it.
@@ -261,7 +261,8 @@ class TrainStep:
         bad = int(self.bad_step)
         if bad >= 0:
             raise TrainingError(
-                f"fold {fold}: loss is {float(self.bad_loss)} at global step {bad + 1} (epoch {epoch + 1}); lower "
+                f"fold {fold}: loss is {float(self.bad_loss)} at global step {bad + 1} (epoch {epoch + 1}); "
+                "lower "
                 f"optim.lr (now {self.cfg.optim.lr}), set optim.grad_clip=1.0, or check that batch's inputs. "
                 "last.pt holds the state of the last finished epoch"
             )
@@ -487,7 +488,7 @@ def train_fold(
     eval_model = ema.module if ema is not None else model
 
     def checkpoint(epoch: int, step_in_epoch: int, partial: tuple[float, int] = (0.0, 0)) -> None:
-        """Save last.pt; ``partial`` = (loss sum, steps) of an unfinished epoch so its mean survives a resume."""
+        """Save last.pt; ``partial`` = (loss sum, steps) of an unfinished epoch, so its mean survives."""
         if not d.main:
             return
         save_checkpoint(
@@ -512,9 +513,9 @@ def train_fold(
 
     epoch, step = start_epoch, skip_steps
     loss_sum, n_steps = torch.zeros((), device=device), 0
-    if start_epoch >= cfg.train.epochs or (cfg.train.patience and bad_epochs >= cfg.train.patience):
-        if d.main:
-            print(f"fold {fold}: already finished ({start_epoch} epochs)")
+    finished = start_epoch >= cfg.train.epochs or (cfg.train.patience and bad_epochs >= cfg.train.patience)
+    if finished and d.main:
+        print(f"fold {fold}: already finished ({start_epoch} epochs)")
     try:
         with save_on_signal():
             for epoch in range(start_epoch, cfg.train.epochs):
@@ -581,7 +582,8 @@ def train_fold(
                 if d.main:
                     _write_metrics(fold_dir, history)
                     print(
-                        f"fold {fold} epoch {epoch + 1}: loss {train_loss:.4f} val_loss {metrics['val_loss']:.4f} "
+                        f"fold {fold} epoch {epoch + 1}: loss {train_loss:.4f} "
+                        f"val_loss {metrics['val_loss']:.4f} "
                         f"dice {metrics['val_dice']:.4f} iou {metrics['val_iou']:.4f}"
                         f"{' *' if improved else ''} ({row['seconds']:.1f}s)",
                         flush=True,
@@ -590,7 +592,8 @@ def train_fold(
         checkpoint(epoch, step, (float(loss_sum), n_steps))
         if d.main:
             print(
-                f"\nfold {fold}: interrupted ({type(e).__name__} {e}) at epoch {epoch + 1}, step {step}; saved "
+                f"\nfold {fold}: interrupted ({type(e).__name__} {e}) at epoch {epoch + 1}, step {step}; "
+                "saved "
                 f"{last_path}. Run the same command with RESUME=1 (--resume) to continue.",
                 file=sys.stderr,
             )
@@ -598,7 +601,8 @@ def train_fold(
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
             f"CUDA out of memory at batch size {cfg.train.batch_size}: use train.batch_size="
-            f"{max(1, cfg.train.batch_size // 2)} (and optim.lr scaled down by the same factor), or train.amp=bf16"
+            f"{max(1, cfg.train.batch_size // 2)} (and optim.lr scaled down by the same factor), "
+            "or train.amp=bf16"
         ) from None
 
     oof_path = None
@@ -648,7 +652,7 @@ def _progress(total: int, initial: int, desc: str, d: Dist) -> Any:
 
 
 def resolve_folds(cfg: Config, source: Source, run_dir: Path) -> pd.DataFrame:
-    """folds.csv from ``data.folds_csv``, ``<root>/folds.csv``, or made now from the seed (and saved in the run)."""
+    """folds.csv from ``data.folds_csv`` or ``<root>/folds.csv``, else made from the seed (saved in the run)."""
     root = Path(cfg.data.root)
     candidates = (
         [Path(cfg.data.folds_csv)] if cfg.data.folds_csv else [root / "folds.csv", run_dir / "folds.csv"]

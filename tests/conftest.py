@@ -46,8 +46,14 @@ def tiny_cfg(demo_root, tmp_path):
 
     def make(*overrides: str):
         return load_config(
-            None, [f"data.root={demo_root}", f"train.runs_dir={tmp_path / 'runs'}", "name=tiny",
-                   *TINY_OVERRIDES, *overrides]
+            None,
+            [
+                f"data.root={demo_root}",
+                f"train.runs_dir={tmp_path / 'runs'}",
+                "name=tiny",
+                *TINY_OVERRIDES,
+                *overrides,
+            ],
         )
 
     return make

@@ -11,7 +11,9 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*
 
 
 def test_round_trip_yaml(tmp_path):
-    cfg = load_config(None, ["train.epochs=3", "model.arch=FPN", "data.mean=[0.1,0.2,0.3]", "loss.ignore_index=255"])
+    cfg = load_config(
+        None, ["train.epochs=3", "model.arch=FPN", "data.mean=[0.1,0.2,0.3]", "loss.ignore_index=255"]
+    )
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg
@@ -20,6 +22,7 @@ def test_round_trip_yaml(tmp_path):
 
 def test_to_dict_is_plain_builtins():
     d = to_dict(Config())
+
     def walk(v):
         if isinstance(v, dict):
             for x in v.values():
@@ -29,6 +32,7 @@ def test_to_dict_is_plain_builtins():
                 walk(x)
         else:
             assert v is None or isinstance(v, (str, int, float, bool)), type(v)
+
     walk(d)
     assert config_from_dict(d) == Config()
 

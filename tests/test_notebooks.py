@@ -247,3 +247,16 @@ def test_report_cli_names_the_missing_run(tmp_path: Path, capsys: pytest.Capture
 
     assert main([str(tmp_path / "nope")]) == 2
     assert "make train" in capsys.readouterr().err
+
+
+def test_02_folds_on_a_real_tiny_training(tiny_cfg) -> None:
+    """The folds notebook on what `make train` really writes (checkpoints included: fold agreement runs)."""
+    from pipeline import train
+
+    cfg = tiny_cfg("infer.tta=none")
+    run = train.run(cfg)
+    nb = _execute("02_folds.ipynb", DATA=cfg.data.root, RUN=str(run), WORST=3, AGREEMENT_TILES=4)
+    # fold summary, learning curves, threshold curve, Dice histogram, worst tiles, fold agreement
+    assert len(_outputs(nb, "image/png")) == 6
+    assert "skipped" not in _text(nb)
+    assert not _stderr(nb), "warnings in the notebook's output"
