@@ -1,0 +1,114 @@
+"""Data layer: competition layout, decoded-once masks, Dataset, augmentation seeding, nearest-only masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import data as data_mod
+from pipeline import rle
+from pipeline.config import AugConfig, DataConfig
+from pipeline.data import IMAGE, MASK, NAME, DataError, SegDataset, build_transforms, read_mask_csv
+from pipeline.layouts import read_source
+
+
+def _collect(ds: SegDataset, workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers, shuffle=False)
+    out = []
+    for b in loader:
+        out += list(zip(b[IMAGE].numpy(), b[MASK].numpy()))
+    return out
+
+
+def test_source_reads_train_and_test_with_truth(demo_root):
+    src = read_source(DataConfig(root=str(demo_root)))
+    assert len(src.train) == 24 and len(src.test) == 8
+    assert src.train.masks.shape == (24, 64, 64) and src.train.masks.dtype == np.uint8
+    csv = read_mask_csv(demo_root / "train_mask.csv")
+    for i in (0, 5, 23):
+        np.testing.assert_array_equal(src.train.masks[i], rle.decode(csv["rle"][i], (64, 64)))
+    sample = read_mask_csv(demo_root / "test_a_samplesubmit.csv", require_rle=False)
+    assert src.test.names == sample["name"].tolist()  # submission order
+    assert src.test.masks is not None  # ground truth found
+
+
+def test_masks_are_decoded_once(demo_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("BUILDSEG_CACHE", str(tmp_path / "cache"))
+    calls = {"n": 0}
+    real = rle.decode_many
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(rle, "decode_many", counting)
+    first = read_source(DataConfig(root=str(demo_root)), with_test=False).train.masks
+    second = read_source(DataConfig(root=str(demo_root)), with_test=False).train.masks
+    assert calls["n"] == 1  # the second read maps the cached file
+    np.testing.assert_array_equal(first, second)
+    assert not second.flags.writeable  # shared read-only by every worker
+
+
+def test_augmentation_is_the_same_with_any_number_of_workers(demo_root):
+    train = read_source(DataConfig(root=str(demo_root)), with_test=False).train.subset(range(9))
+    ds = SegDataset(train, build_transforms(AugConfig(), True), seed=3)
+    ds.set_epoch(2)
+    a, b = _collect(ds, 0), _collect(ds, 2)
+    for (ia, ma), (ib, mb) in zip(a, b):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(ma, mb)
+    ds.set_epoch(3)
+    c = _collect(ds, 0)
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))  # a new epoch draws new augmentations
+
+
+def test_augmented_masks_keep_their_values(demo_root):
+    """Geometric transforms use nearest-neighbour on masks: no value other than 0/1 appears."""
+    train = read_source(DataConfig(root=str(demo_root)), with_test=False).train
+    strong = AugConfig(shift_scale_rotate_p=1.0, rotate_limit=45, scale_limit=0.5)
+    ds = SegDataset(train, build_transforms(strong, True), seed=0)
+    for i in range(len(train)):
+        item = ds[i]
+        assert set(np.unique(item[MASK].numpy())) <= {0, 1}
+        assert item[IMAGE].dtype == torch.uint8 and item[IMAGE].shape == (3, 64, 64)
+        assert item[NAME] == train.names[i]
+
+
+def test_missing_images_are_reported_all_at_once(tmp_path, demo_root):
+    root = tmp_path / "d"
+    (root / "train").mkdir(parents=True)
+    csv = read_mask_csv(demo_root / "train_mask.csv")
+    for n in csv["name"][:3]:
+        (root / "train" / n).write_bytes((demo_root / "train" / n).read_bytes())
+    (root / "train_mask.csv").write_text((demo_root / "train_mask.csv").read_text())
+    with pytest.raises(DataError, match=r"21 image\(s\) listed in .* are missing") as e:
+        read_source(DataConfig(root=str(root)), with_test=False)
+    assert csv["name"][3] in str(e.value) and "..." in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("name,rle\na.jpg,1 2\n", "comma"),
+        ("a.jpg\t1 2\na.jpg\t3 4\n", "duplicate name a.jpg"),
+        ("ImageId\tEncodedPixels\na.jpg\t1 2\n", "header row"),
+    ],
+)
+def test_bad_csv_names_the_row(tmp_path, content, message):
+    p = tmp_path / "m.csv"
+    p.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_mask_csv(p)
+
+
+def test_grayscale_and_rgba_are_converted(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(np.full((8, 8, 4), 9, np.uint8)).save(tmp_path / "a.png")
+    with pytest.warns(UserWarning, match="converted"):
+        g = data_mod.read_image(tmp_path / "g.png")
+    with pytest.warns(UserWarning, match="converted"):
+        a = data_mod.read_image(tmp_path / "a.png")
+    assert g.shape == a.shape == (8, 8, 3) and g.dtype == np.uint8 and (g == 7).all() and (a == 9).all()
