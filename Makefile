@@ -15,10 +15,12 @@ RUN    ?=
 TTA    ?=
 ARGS   ?=
 SUBMISSION ?=
+PRED   ?=
+LAYOUT ?= voc
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-data folds train submit score validate check-data test test-all lint bench \
-        bench-accuracy lab report predict-scene clean
+        bench-accuracy bench-models lab report predict predict-scene clean
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,9 +59,14 @@ submit: $(STAMP) ## predict the test tiles with the newest run (RUN= DATA= TTA=n
 validate: $(STAMP) ## check a submission file (SUBMISSION=... DATA=...)
 	$(PY) -m pipeline.validate $(SUBMISSION) --sample $(DATA)/test_a_samplesubmit.csv
 
-score: $(STAMP) ## Dice of a submission against DATA/test_a_mask.csv (SUBMISSION= defaults to the newest)
-	$(PY) -m pipeline.score $(or $(SUBMISSION),$(shell ls -t submissions/*.csv 2>/dev/null | head -1)) \
-	  --truth $(DATA)/test_a_mask.csv
+predict: $(STAMP) ## class-id PNGs (+ metrics.json with truth) for a run's test split, any layout (RUN= DATA= TTA=)
+	$(PY) -m pipeline.predict $(if $(RUN),--run $(RUN)) $(if $(filter-out data/demo,$(DATA)),--data $(DATA)) \
+	  $(if $(TTA),--tta $(TTA)) --figure 8
+
+score: $(STAMP) ## metrics of the newest submission (SUBMISSION=) or of PNGs (PRED=dir DATA= LAYOUT=voc|cityscapes)
+	$(if $(PRED),$(PY) -m pipeline.score --pred-dir $(PRED) --data $(DATA) --layout $(LAYOUT) \
+	  $(if $(COLORMAP),--colormap $(COLORMAP)),$(PY) -m pipeline.score \
+	  $(or $(SUBMISSION),$(shell ls -t submissions/*.csv 2>/dev/null | head -1)) --truth $(DATA)/test_a_mask.csv)
 
 predict-scene: $(STAMP) ## sliding-window prediction of a large scene (SCENE=big.tif OUT=mask.tif RUN=runs/x)
 	$(PY) -m pipeline.infer scene --run $(RUN) --scene $(SCENE) --out $(OUT)
@@ -84,6 +91,10 @@ bench: $(STAMP) ## CPU benchmarks -> bench/results/*.json (RLE codec; tiny-size 
 	$(PY) -m bench.rle
 	$(PY) -m bench.train_throughput --tiny
 	$(PY) -m bench.infer_throughput --tiny
+	$(PY) -m bench.models --tiny
+
+bench-models: $(STAMP) ## every architecture: parameters, GPU train/infer img/s at 512 bf16 (--tiny on CPU)
+	$(PY) -m bench.models $(if $(shell $(PY) -c "import torch;print(torch.cuda.is_available() or '')"),,--tiny)
 
 bench-accuracy: $(STAMP) ## GPU: default recipe on ../shared/data/buildings-real -> bench/results/accuracy.json
 	$(PY) -m bench.accuracy --data $(or $(filter-out data/demo,$(DATA)),../shared/data/buildings-real)

@@ -2,11 +2,21 @@
 
     python -m bench.rle [--data DIR] [--out bench/results/rle.json] [--repeat 7]
 
-Both codecs run in the same process on the same masks, taking turns pass by pass over all masks so
-that load from other processes hits both alike; each mask's time is the best of ``--repeat`` passes
-(the least disturbed one), and a codec's total is the sum of its per-mask bests. Every mask is
-also checked: both decoders give the same array and both encoders the same string, which equals
-the CSV's. Encode is timed on C-contiguous masks, the layout a model's prediction arrives in.
+Decode is measured two ways, side by side:
+
+* per mask: ``rle.decode(s)`` against ``baseline_decode(s)``, one string at a time;
+* the column (what the pipeline does: ``pipeline.data.decode_masks`` decodes a CSV's whole mask
+  column once into a cache): ``rle.decode_many`` over all rows against the baseline decoder looped
+  over all rows, both writing every mask into a preallocated [N, W, H] buffer (each mask
+  column-major: the layout the cache uses and the baseline's own F-ordered result). The decode goal
+  is judged on the column; the per-mask number is reported too.
+
+Codecs run in the same process on the same masks, taking turns pass by pass so that load from other
+processes hits both alike; a time is the best of ``--repeat`` passes (the least disturbed one), per
+mask (a codec's per-mask total is the sum of its per-mask bests) or per column. Every mask is also
+checked: both decoders (and ``decode_many``) give the same arrays and both encoders the same string,
+which equals the CSV's. Encode is timed on C-contiguous masks, the layout a model's prediction arrives
+in.
 
 Without the real data (``--data``, ``$BUILDSEG_REAL_DATA``, or ``../shared/data/buildings-real``)
 it falls back to a small seeded synthetic set and says so in the JSON.
@@ -186,15 +196,129 @@ def stage_profile(s: str, repeat: int = 200) -> dict[str, float]:
     return out
 
 
-def notes(profile: dict[str, float], runs_mean: float) -> list[str]:
-    """Why the numbers are what they are, from the stage profile of the median mask."""
-    p = profile
+def column_buffers(n: int) -> dict[str, np.ndarray]:
+    """Preallocated outputs for the column timings, [N, H, W] views, pages already touched."""
+    bufs = {
+        "ours": np.empty((n, SHAPE[1], SHAPE[0]), np.uint8).transpose(0, 2, 1),
+        "baseline": np.empty((n, SHAPE[1], SHAPE[0]), np.uint8).transpose(0, 2, 1),
+        "ours_c_order": np.empty((n, *SHAPE), np.uint8),
+    }
+    for b in bufs.values():
+        b.fill(0)  # fault the pages in: the timed passes measure decoding, not the kernel's zeroing
+    return bufs
+
+
+def column_times(rles: list[str], repeat: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Best-of-``repeat`` seconds to decode the whole column, per variant, and the variants' masks.
+
+    ``ours`` and ``baseline`` are the pair the goal is judged on (same masks into the same kind of
+    buffer); the others show what the choices cost: a newly allocated result, a C-ordered ``out``,
+    and the baseline dropping its masks instead of storing them (less work than the pipeline needs).
+    """
+    bufs = column_buffers(len(rles))
+    results: dict[str, np.ndarray] = {}
+
+    def baseline(out: np.ndarray) -> np.ndarray:
+        for i, s in enumerate(rles):
+            out[i] = baseline_decode(s, SHAPE)
+        return out
+
+    def baseline_discard() -> None:
+        for s in rles:
+            baseline_decode(s, SHAPE)
+
+    variants: dict[str, Callable[[], Any]] = {
+        "ours": lambda: rle.decode_many(rles, SHAPE, out=bufs["ours"]),
+        "baseline": lambda: baseline(bufs["baseline"]),
+        "ours_new_array": lambda: rle.decode_many(rles, SHAPE),
+        "ours_into_c_order_out": lambda: rle.decode_many(rles, SHAPE, out=bufs["ours_c_order"]),
+        "baseline_discarding_masks": baseline_discard,
+    }
+    best = dict.fromkeys(variants, np.inf)
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            for k, f in variants.items():
+                t0 = time.perf_counter()
+                r = f()
+                best[k] = min(best[k], time.perf_counter() - t0)
+                if r is not None:
+                    results[k] = r
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return best, results
+
+
+def column_agreement(rles: list[str], results: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Every variant's masks equal the baseline's, mask for mask."""
+    reference = results["baseline"]
+    differ = {
+        k: [i for i in range(len(rles)) if not np.array_equal(v[i], reference[i])]
+        for k, v in results.items()
+        if k != "baseline"
+    }
+    return {"all_agree": not any(differ.values()), "rows_that_differ": differ}
+
+
+def column_stage_profile(rles: list[str], repeat: int) -> dict[str, float]:
+    """Milliseconds per stage of ``decode_many`` over the column (sums over its groups of rows, each
+    the best of ``repeat`` passes): where the time goes, and what ``np.repeat`` alone costs."""
+    n_pixels = SHAPE[0] * SHAPE[1]
+    out = column_buffers(len(rles))["ours"].transpose(0, 2, 1)
+    groups = list(rle._groups(rles, n_pixels))
+    counts = [rle._batch_counts(texts, n_pixels) for _, _, texts in groups]
+    values = np.zeros(max(c.size for c in counts), np.uint8)
+    values[1::2] = 1
+    flats = [np.repeat(values[: c.size], c) for c in counts]
+
+    def parse() -> None:
+        for _, _, texts in rle._groups(rles, n_pixels):
+            rle._batch_counts(texts, n_pixels)
+
+    def paint() -> None:
+        for c in counts:
+            np.repeat(values[: c.size], c)
+
+    def copy() -> None:
+        for (lo, hi, _), f in zip(groups, flats):
+            out[lo:hi] = f.reshape(hi - lo, SHAPE[1], SHAPE[0])
+
+    stages = {
+        "parse_and_validate_all_rows": parse,
+        "paint_np_repeat": paint,
+        "copy_into_out": copy,
+        "memset_of_all_masks": lambda: out.fill(1),  # the floor for writing N masks at all
+    }
+    result = {"groups_of_rows": len(groups)}
+    for k, f in stages.items():
+        best = np.inf
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t0)
+        result[k] = round(best * 1e3, 2)
+    return result
+
+
+def notes(profile: dict[str, float], column: dict[str, Any], runs_mean: float) -> list[str]:
+    """Why the numbers are what they are, from the stage profiles."""
+    p, c = profile, column["stage_profile_ms"]
+    budget = column["baseline_ms"] / column["goal"]
     return [
         f"decode on the median mask: {p['decode.text_to_ints']} us of {p['decode.total']} us turn the text "
         "into integers (one byte gather + SWAR digit arithmetic, ~15 numpy calls), "
         f"{p['decode.paint_np_repeat']} us paint the 262,144 pixels with np.repeat; the baseline spends "
         f"most of its time in str -> int conversion and a Python loop over ~{runs_mean:.0f} runs. Our "
         "stages are close to the fixed cost of ~1 us per numpy call on arrays this small.",
+        f"decode of the column: {c['parse_and_validate_all_rows']} ms to parse and validate all rows "
+        f"({c['groups_of_rows']} groups, one pass of numpy calls each), {c['paint_np_repeat']} ms in "
+        f"np.repeat to paint them and {c['copy_into_out']} ms to copy them into the output (np.repeat "
+        "has no out=); writing that much memory at all takes "
+        f"{c['memset_of_all_masks']} ms (memset). The {column['goal']:.0f}x goal leaves "
+        f"{budget:.1f} ms; np.repeat alone, the only run-expanding primitive numpy has, spends most of it: "
+        "its cost is per run (a memset of unpredictable length, ~10 ns each), not per pixel.",
         f"encode on the median mask: {p['encode.find_run_edges']} us to find run edges in a C-ordered mask "
         f"(no transposed copy), {p['encode.ints_to_text']} us to write the numbers as text (SWAR, no Python "
         "loop); the baseline's str() of every numpy integer dominates its time.",
@@ -214,10 +338,34 @@ def run(data: Path, repeat: int = 7) -> dict[str, Any]:
         rles,
         repeat,
     )
+    col, col_results = column_times(rles, repeat)
+    col_agreement = column_agreement(rles, col_results)
+    del col_results
     enc = best_times({"ours": rle.encode, "baseline": baseline_encode}, masks, repeat)
     n_runs = [len(s.split()) // 2 for s in rles]
     median_mask = rles[int(np.argsort(n_runs)[len(n_runs) // 2])]
     profile = stage_profile(median_mask)
+    column = {
+        "what": (
+            "decode_many(rles, out=buffer) over all rows against `for i, s in enumerate(rles): "
+            "buffer[i] = baseline_decode(s)`; both buffers preallocated uint8 [N, W, H] seen as [N, H, W] "
+            "(each mask column-major, as pipeline.data.decode_masks stores them)"
+        ),
+        "ours_ms": round(col["ours"] * 1e3, 2),
+        "baseline_ms": round(col["baseline"] * 1e3, 2),
+        "ours_us_per_mask": round(col["ours"] / len(rles) * 1e6, 1),
+        "baseline_us_per_mask": round(col["baseline"] / len(rles) * 1e6, 1),
+        "speedup": round(col["baseline"] / col["ours"], 2),
+        "goal": GOAL["decode_speedup"],
+        "met": col["baseline"] / col["ours"] >= GOAL["decode_speedup"],
+        "variants_ms": {k: round(v * 1e3, 2) for k, v in col.items()},
+        "speedup_vs_baseline_discarding_its_masks": round(col["baseline_discarding_masks"] / col["ours"], 2),
+        "speedup_of_new_array_vs_baseline": round(col["baseline"] / col["ours_new_array"], 2),
+        "agreement": col_agreement,
+        "stage_profile_ms": column_stage_profile(rles, repeat),
+    }
+    per_mask = summarise(dec["ours"], dec["baseline"], GOAL["decode_speedup"])
+    encode = summarise(enc["ours"], enc["baseline"], GOAL["encode_speedup"])
     return {
         "benchmark": "RLE codec: pipeline.rle vs the public baseline",
         "command": "python -m bench.rle " + " ".join(sys.argv[1:]),
@@ -239,15 +387,26 @@ def run(data: Path, repeat: int = 7) -> dict[str, Any]:
             "runs_per_mask_max": int(max(n_runs)),
         },
         "method": (
-            f"best of {repeat} passes per mask, codecs taking turns pass by pass, gc off; totals are sums of "
-            "per-mask bests; encode input is a C-contiguous uint8 mask"
+            f"best of {repeat} passes, codecs taking turns pass by pass, gc off; per-mask totals are sums of "
+            "per-mask bests, column times are whole passes; encode input is a C-contiguous uint8 mask"
         ),
         "goal": GOAL,
-        "decode": summarise(dec["ours"], dec["baseline"], GOAL["decode_speedup"]),
-        "encode": summarise(enc["ours"], enc["baseline"], GOAL["encode_speedup"]),
+        "verdict": {
+            "decode": {
+                "judged_on": "decode_column (the pipeline decodes whole columns: pipeline.data.decode_masks)",
+                "speedup": column["speedup"],
+                "goal": GOAL["decode_speedup"],
+                "met": column["met"],
+                "per_mask_speedup_for_reference": per_mask["speedup"],
+            },
+            "encode": {"speedup": encode["speedup"], "goal": GOAL["encode_speedup"], "met": encode["met"]},
+        },
+        "decode_column": column,
+        "decode_per_mask": per_mask,
+        "encode": encode,
         "agreement": agreement,
         "stage_profile_us_median_mask": profile,
-        "notes": notes(profile, float(np.mean(n_runs))),
+        "notes": notes(profile, column, float(np.mean(n_runs))),
         "per_mask_us": [
             {
                 "name": n,
@@ -274,17 +433,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = run(args.data or real_data_dir(), args.repeat)
     atomic_write_text(args.out, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    for k in ("decode", "encode"):
+    c = result["decode_column"]
+    print(
+        f"decode, column of {result['data']['n_masks']} masks (judged): ours {c['ours_ms']:.1f} ms, "
+        f"baseline {c['baseline_ms']:.1f} ms, speed-up {c['speedup']:.1f}x "
+        f"(goal {c['goal']:.0f}x: {'met' if c['met'] else 'NOT met'})"
+    )
+    for k, label in (("decode_per_mask", "decode, per mask"), ("encode", "encode")):
         r = result[k]
         print(
-            f"{k}: ours {r['ours_mean_us']:.1f} us/mask, baseline {r['baseline_mean_us']:.1f} us/mask, "
+            f"{label}: ours {r['ours_mean_us']:.1f} us/mask, baseline {r['baseline_mean_us']:.1f} us/mask, "
             f"speed-up {r['speedup']:.1f}x (goal {r['goal']:.0f}x: {'met' if r['met'] else 'NOT met'})"
         )
-    print(
-        f"{result['data']['n_masks']} masks from {result['data']['source']}; "
-        f"codecs agree: {result['agreement']['all_agree']}; wrote {args.out}"
-    )
-    return 0 if result["agreement"]["all_agree"] else 1
+    agree = result["agreement"]["all_agree"] and c["agreement"]["all_agree"]
+    print(f"{result['data']['n_masks']} masks from {result['data']['source']}; codecs agree: {agree}")
+    print(f"wrote {args.out}")
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":

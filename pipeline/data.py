@@ -163,30 +163,35 @@ def cache_dir() -> Path:
 def decode_masks(
     rles: Sequence[str], shape: tuple[int, int], source: str, names: Sequence[str] | None = None
 ) -> np.ndarray:
-    """Decode a column of RLE strings once into a read-only uint8 memmap [N, H, W] (cached by content).
+    """Decode a column of RLE strings once into a read-only uint8 memmap (cached by content); returns
+    an [N, H, W] view of it.
 
     The memmap is shared by DataLoader workers through the page cache, so N masks cost their size
     once, not once per worker; a 17k-tile Inria split (4.5 GB of masks) never needs to fit in RAM.
+    The file holds [N, W, H] (each mask column-major, the RLE's pixel order, which
+    :func:`pipeline.rle.decode_many` writes without a transposed copy); the returned
+    ``.transpose(0, 2, 1)`` makes ``masks[i]`` an F-contiguous [H, W] view.
     """
     h = hashlib.sha1(f"{shape}".encode())
     for r in rles:
         h.update(r.encode())
         h.update(b"\n")
     n = len(rles)
-    path = cache_dir() / f"masks-{h.hexdigest()[:16]}-{n}x{shape[0]}x{shape[1]}.u8"
+    # "-fw": the [N, W, H] layout (caches of the former [N, H, W] layout are not read as this one).
+    path = cache_dir() / f"masks-{h.hexdigest()[:16]}-{n}x{shape[0]}x{shape[1]}-fw.u8"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
-            rle.decode_many(rles, shape, out=out, source=source, names=names)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, shape[1], shape[0]))
+            rle.decode_many(rles, shape, out=out.transpose(0, 2, 1), source=source, names=names)
             out.flush()
             del out
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    return np.load(path, mmap_mode="r")
+    return np.load(path, mmap_mode="r").transpose(0, 2, 1)
 
 
 # ----------------------------------------------------------------------------- splits

@@ -30,7 +30,8 @@ Colormap JSON. ``classes`` lists ``id`` (the value stored in the PNG), ``name`` 
 Without ``train_id`` the ids are the class ids and must be 0..K-1. With ``train_id`` (Cityscapes'
 labelIds -> trainIds) the PNG value ``id`` is mapped to class ``train_id`` on reading; entries whose
 ``train_id`` is the ``ignore_index`` are void. A mask pixel whose value is neither a listed id nor
-``ignore_index`` is an error naming the file: a silent wrong label is the worst kind of bug.
+``ignore_index`` (default 255; null for none) is an error naming the file: a silent wrong label is
+the worst kind of bug.
 A relative ``colormap_json`` path is looked up in the data folder first, then the working directory.
 
 Masks of the ``voc`` and ``cityscapes`` layouts are read lazily, one PNG per ``masks[i]``, at their
@@ -121,7 +122,9 @@ class Colormap:
     source: str = ""
 
     @classmethod
-    def identity(cls, names: Sequence[str], colors: Sequence[Color], ignore_index: int | None, source: str):
+    def identity(
+        cls, names: Sequence[str], colors: Sequence[Color], ignore_index: int | None, source: str
+    ) -> Colormap:
         """PNG value = class id for 0..K-1, plus ``ignore_index``."""
         lut = np.full(256, -1, dtype=np.int16)
         lut[: len(names)] = np.arange(len(names))
@@ -163,7 +166,7 @@ def read_colormap(path: str | Path) -> Colormap:
     ids = [e[0] for e in entries]
     dup = sorted({x for x in ids if ids.count(x) > 1})
     if dup:
-        raise _fail(path, f"ids {dup} are listed more than once")
+        raise _fail(path, f"ids {dup} are listed twice or more; list each PNG value once")
     if ignore is not None and ignore in ids and not any(e[0] == ignore and e[1] == ignore for e in entries):
         raise _fail(path, f"id {ignore} is both a class and the ignore_index; change one of them")
     classes = sorted((e for e in entries if e[1] != ignore), key=lambda e: e[1])
@@ -254,7 +257,7 @@ def _require_dir(path: Path, what: str) -> Path:
 
 def _problems(items: list[str], what: str, fix: str) -> DataError:
     shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
-    return DataError(f"{len(items)} {what}: {shown}. {fix}")
+    return DataError(f"{what}: {shown}. {fix}")
 
 
 # ----------------------------------------------------------------------------- readers

@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,7 @@ def class_prediction_figure(
         if truths is not None:
             truth = np.asarray(truths[i])
             panels.append((colorize(truth, colors, ignore_index), "truth"))
-            present |= set(np.unique(truth).tolist()) - {ignore_index}
+            present |= set(np.unique(truth).tolist())
         for ax, (arr, title) in zip(axes[i], panels):
             ax.imshow(arr, interpolation="nearest")
             ax.set_title(title, fontsize=8)
@@ -181,6 +182,8 @@ def class_prediction_figure(
             ax.set_yticks([])
     handles = [Patch(color=np.asarray(colors[c]) / 255, label=str(class_names[c])) for c in sorted(present)
                if c < len(class_names)]
+    if ignore_index is not None and ignore_index in present:
+        handles.append(Patch(facecolor="white", edgecolor="black", label="ignored"))
     if handles:
         fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6), fontsize=8,
                    frameon=False)
@@ -192,8 +195,8 @@ def _classes_of(source: Source, classes: int, data: DataConfig) -> tuple[list[st
     k = max(2, classes)
     if source.num_classes != k:
         raise ConfigError(
-            f"the run predicts {k} classes (model.classes={classes}) but layout {data.layout!r} at {data.root} "
-            f"has {source.num_classes} ({', '.join(source.class_names[:5])}, ...); predict with the data "
+            f"the run predicts {k} classes (model.classes={classes}) but layout {data.layout!r} at "
+            f"{data.root} has {source.num_classes} ({', '.join(source.class_names[:5])}, ...); use the data "
             "(and colormap) the run was trained on"
         )
     colors = list(source.colors) or [(0, 0, 0), (255, 255, 255)]
@@ -232,7 +235,7 @@ def predict_to_dir(
     tta_name = tta or manifest.tta
     out = Path(out_dir) if out_dir else Path("predictions") / f"{manifest.name}-{tta_name}"
     paths = [label_png_path(out, n) for n in test.names]
-    clash = sorted({str(p) for p in paths if paths.count(p) > 1})
+    clash = sorted(str(p) for p, n in Counter(paths).items() if n > 1)
     if clash:
         raise DataError(f"test images {clash[:5]} map to the same output PNG (same stem); rename them")
 

@@ -40,9 +40,10 @@ from pipeline import postprocess, tta
 from pipeline.config import Config, ConfigError, load_config, run_name, save_config, to_dict
 from pipeline.data import IMAGE, INDEX, MASK, DataError, SegDataset, Split, build_transforms
 from pipeline.io import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, save_yaml
-from pipeline.layouts import Source, read_source
+from pipeline.layouts import Source, foreground_fraction, read_source
 from pipeline.losses import build_loss
 from pipeline.metrics import (
+    all_metrics,
     confusion_matrix_torch,
     dice_per_image_torch,
     iou_per_image_torch,
@@ -284,9 +285,10 @@ def evaluate(
 ) -> tuple[dict[str, float], dict[int, np.ndarray]]:
     """Validation loss, competition Dice (mean per image, empty/empty = 1) and IoU at threshold 0.5.
 
-    Multi-class adds pixel accuracy and mIoU from one confusion matrix. Sums are all-reduced over
-    ranks. With ``keep_probs`` returns {dataset index: uint8 [H, W] probability*255} (binary) or
-    class ids (multi-class) for the out-of-fold file.
+    Binary adds pixel accuracy; multi-class logs pixel accuracy, mean pixel accuracy, mIoU, FW IoU and
+    mean Dice, all from one confusion matrix (``val_dice`` = mIoU, the model selection key). Sums are
+    all-reduced over ranks. With ``keep_probs`` returns {dataset index: uint8 [H, W] probability*255}
+    (binary) or class ids (multi-class) for the out-of-fold file.
     """
     model.eval()
     binary = cfg.model.classes == 1
@@ -328,15 +330,20 @@ def evaluate(
     all_reduce_sum(cm, d)
     n = max(1.0, float(sums[3]))
     metrics = {"val_loss": float(sums[0]) / n}
+    cm_np = cm.cpu().numpy()
     if binary:
         metrics["val_dice"] = float(sums[1]) / n
         metrics["val_iou"] = float(sums[2]) / n
+        metrics["val_acc"] = float(pixel_accuracy(cm_np))
     else:
-        cm_np = cm.cpu().numpy()
-        metrics["val_miou"] = float(mean_iou(cm_np))
+        cmm = all_metrics(cm_np)
+        metrics["val_miou"] = cmm["mean_iou"]
         metrics["val_dice"] = metrics["val_miou"]  # model selection key for multi-class
         metrics["val_iou"] = metrics["val_miou"]
-        metrics["val_acc"] = float(pixel_accuracy(cm_np))
+        metrics["val_acc"] = cmm["pixel_accuracy"]
+        metrics["val_mean_acc"] = cmm["mean_pixel_accuracy"]
+        metrics["val_fw_iou"] = cmm["fw_iou"]
+        metrics["val_mdice"] = cmm["mean_dice"]
     return metrics, kept
 
 
@@ -664,10 +671,21 @@ def resolve_folds(cfg: Config, source: Source, run_dir: Path) -> pd.DataFrame:
     else:
         if cfg.data.folds_csv:
             raise DataError(f"data.folds_csv={cfg.data.folds_csv} not found; make it with `make folds`")
-        groups = folds_mod.read_groups(cfg.data.group_csv or root / "manifest.csv", source.train.names)
-        df = folds_mod.make_folds(
-            source.train.names, source.train.building_fraction(), cfg.data.n_folds, cfg.train.seed, groups
+        # An explicit data.group_csv must exist; the default <root>/manifest.csv is used only when present
+        # (VOC and Cityscapes folders have none).
+        group_csv = Path(cfg.data.group_csv) if cfg.data.group_csv else root / "manifest.csv"
+        groups = (
+            folds_mod.read_groups(group_csv, source.train.names)
+            if cfg.data.group_csv or group_csv.is_file()
+            else None
         )
+        # Stratify binary runs by building fraction, multi-class runs by the labelled non-background fraction.
+        fractions = (
+            source.train.building_fraction()
+            if cfg.model.classes == 1
+            else foreground_fraction(source.train, cfg.loss.ignore_index)
+        )
+        df = folds_mod.make_folds(source.train.names, fractions, cfg.data.n_folds, cfg.train.seed, groups)
     n = int(df["fold"].max()) + 1
     if n != cfg.data.n_folds:
         print(f"note: folds.csv has {n} folds; data.n_folds={cfg.data.n_folds} is ignored")
@@ -688,12 +706,9 @@ def tune_postprocess(cfg: Config, source: Source, run_dir: Path) -> dict[str, An
         probs.append(fold_probs)
         per_fold[int(f.parent.name.removeprefix("fold"))] = (len(names) - len(fold_names), len(names))
     probs_all = np.concatenate(probs)
-    truths = np.stack([np.asarray(source.train.masks[index[n]]) for n in names])
     if cfg.model.classes > 1:
-        from pipeline.metrics import confusion_matrix
-
-        cm = confusion_matrix(probs_all, truths, cfg.model.classes, ignore_index=cfg.loss.ignore_index)
-        return {"threshold": None, "min_area": None, "oof_miou": float(mean_iou(cm)), "per_fold": {}}
+        return _multiclass_oof(cfg, source, names, probs_all)
+    truths = np.stack([np.asarray(source.train.masks[index[n]]) for n in names])
     result = postprocess.search_threshold(probs_all, truths, cfg.infer.thresholds, cfg.infer.min_areas)
     with atomic_write(run_dir / "threshold_search.csv", "w") as f:
         result.table.to_csv(f, index=False)
@@ -710,6 +725,60 @@ def tune_postprocess(cfg: Config, source: Source, run_dir: Path) -> dict[str, An
         "per_fold": rows,
         "n_oof": len(names),
     }
+
+
+def _multiclass_oof(cfg: Config, source: Source, names: list[str], preds: np.ndarray) -> dict[str, Any]:
+    """mIoU and pixel accuracy of the OOF class ids [N, h, w] from one confusion matrix.
+
+    With ``data.crop_size`` the OOF predictions are of the validation view (pad + centre crop), so each
+    truth goes through the same transform first; images may differ in size (VOC).
+    """
+    from pipeline.metrics import confusion_matrix
+
+    ignore = cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
+    view = build_transforms(cfg.aug, False, cfg.data.crop_size, ignore)
+    index = {n: i for i, n in enumerate(source.train.names)}
+    k = cfg.model.classes
+    cm = np.zeros((k, k), dtype=np.int64)
+    for name, pred in zip(names, preds):
+        truth = np.asarray(source.train.masks[index[name]])
+        if view is not None:
+            truth = view(image=np.zeros((*truth.shape, 3), np.uint8), mask=truth)["mask"]
+        cm += confusion_matrix(pred, truth, k, ignore_index=cfg.loss.ignore_index)
+    return {
+        "threshold": None,
+        "min_area": None,
+        "oof_miou": float(mean_iou(cm)),
+        "oof_pixel_accuracy": float(pixel_accuracy(cm)),
+        "per_fold": {},
+        "n_oof": len(names),
+    }
+
+
+def check_source(cfg: Config, source: Source) -> None:
+    """The data must fit the model: class count, ignore value, and one image size unless cropping."""
+    k = max(2, cfg.model.classes)
+    if source.num_classes != k:
+        raise TrainingError(
+            f"data.layout={cfg.data.layout} at {cfg.data.root} has {source.num_classes} classes "
+            f"({', '.join(source.class_names[:4])}, ...) but model.classes={cfg.model.classes}; set "
+            f"model.classes={source.num_classes if source.num_classes > 2 else 1}"
+        )
+    ignore = source.ignore_index
+    if cfg.model.classes > 1 and ignore is not None and cfg.loss.ignore_index != ignore:
+        raise TrainingError(
+            f"the {cfg.data.layout} masks use {source.ignore_index} for unlabelled pixels; set "
+            f"loss.ignore_index={source.ignore_index} (now {cfg.loss.ignore_index})"
+        )
+    if cfg.data.layout != "competition" and not cfg.data.crop_size:
+        from pipeline.data import image_size
+
+        sizes = {image_size(p) for p in source.train.image_paths}
+        if len(sizes) > 1:
+            raise TrainingError(
+                f"the training images have {len(sizes)} different sizes (e.g. {sorted(sizes)[:3]}); set "
+                "data.crop_size (e.g. 320) so batches pad and crop them to one size"
+            )
 
 
 def write_manifest(cfg: Config, run_dir: Path, tuned: dict[str, Any]) -> Path:
@@ -741,6 +810,13 @@ def write_manifest(cfg: Config, run_dir: Path, tuned: dict[str, Any]) -> Path:
 
 def format_table(tuned: dict[str, Any], results: Sequence[FoldResult]) -> str:
     best = {r.fold: r for r in results}
+    if "oof_miou" in tuned:
+        return (
+            "fold  best val mIoU\n"
+            + "\n".join(f"{r.fold:>4}  {r.best_dice:13.4f}" for r in results)
+            + f"\nout-of-fold ({tuned['n_oof']} images): mIoU {tuned['oof_miou']:.4f}, "
+            f"pixel accuracy {tuned['oof_pixel_accuracy']:.4f}"
+        )
     lines = ["fold      n   val_dice(best)  oof_dice@0.5  oof_dice@tuned"]
     for fold, row in sorted(tuned.get("per_fold", {}).items()):
         b = f"{best[fold].best_dice:14.4f}" if fold in best else f"{'-':>14}"
@@ -769,6 +845,7 @@ def run(cfg: Config, folds: Sequence[int] | None = None, resume: bool = True) ->
 
         require_clean(cfg.data, train=True, test=False)
     source = read_source(cfg.data, with_test=False)
+    check_source(cfg, source)
     folds_df = resolve_folds(cfg, source, run_dir)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)

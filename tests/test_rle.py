@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -287,6 +289,169 @@ def test_decode_many_truncates_a_long_list_of_problems():
     assert msg.endswith("... and 5 more")
 
 
+# --------------------------------------------------------------------------------------------- batch path
+# decode_many parses, validates and paints groups of rows in bulk, and falls back to decode() row by
+# row for a group with anything unusual. The reference below is decode_many as it was before the batch
+# path (row by row): outputs and error messages must match it exactly.
+
+
+def _decode_rows(rles, shape, source="masks", names=None, first_row=1):
+    """decode_many, row by row: uint8 [N, H, W], or the RLEError message it raises."""
+    out = np.zeros((len(rles), *shape), np.uint8)
+    problems = []
+    for i, value in enumerate(rles):
+        try:
+            out[i] = rle.decode(value, shape)
+        except RLEError as e:
+            name = f" ({names[i]})" if names is not None else ""
+            problems.append(f"{source}, row {first_row + i}{name}: {e}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        return f"{len(problems)} malformed RLE value(s):\n  " + "\n  ".join(problems[:20]) + more
+    return out
+
+
+def _batch_only():
+    """Inside this context a call of decode() (the per-row fallback) fails the test."""
+    return mock.patch.object(rle, "decode", side_effect=AssertionError("took the per-row path"))
+
+
+def _small_groups(text_bytes: int, pixels: int):
+    """Groups of a few rows, so that small inputs span several groups too."""
+    return mock.patch.multiple(rle, _GROUP_TEXT_BYTES=text_bytes, _GROUP_PIXELS=pixels)
+
+
+EMPTY_VALUES = ["", "  ", None, float("nan"), pd.NA]
+
+
+@st.composite
+def mask_columns(draw) -> tuple[list, tuple[int, int]]:
+    """A column of RLE values of one random shape: encoded random / empty / full / first-and-last-pixel
+    / block masks, empty ones spelled in every way pandas or a user might write them."""
+    shape = (draw(st.integers(1, 24)), draw(st.integers(1, 24)))
+    values = []
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(st.sampled_from(["random", "empty", "full", "corners", "blocks"]))
+        m = np.zeros(shape, np.uint8)
+        if kind == "random":
+            m = draw(arrays(np.uint8, shape, elements=st.integers(0, 1)))
+        elif kind == "full":
+            m[:] = 1
+        elif kind == "corners":  # the first and the last pixel
+            m[0, 0] = m[-1, -1] = 1
+        elif kind == "blocks":
+            for r0, r1, c0, c1 in draw(st.lists(st.tuples(*[st.integers(0, 24)] * 4), max_size=4)):
+                m[min(r0, r1) : max(r0, r1) + 1, min(c0, c1) : max(c0, c1) + 1] = 1
+        s = rle.encode(m)
+        if not s:
+            s = draw(st.sampled_from(EMPTY_VALUES))
+        elif draw(st.booleans()):
+            s = f" {s}\n"  # surrounding whitespace (a CSV field) keeps the text canonical
+        values.append(s)
+    return values, shape
+
+
+@settings(max_examples=300, deadline=None)
+@given(mask_columns(), st.sampled_from([(1 << 17, 1 << 22), (1, 1), (12, 100), (40, 1000)]))
+def test_batch_path_decodes_like_the_per_row_path(column, group_limits):
+    values, shape = column
+    expected = _decode_rows(values, shape)
+    with _small_groups(*group_limits), _batch_only():
+        got = rle.decode_many(values, shape)
+    assert got.shape == (len(values), *shape) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+
+
+@st.composite
+def token_columns(draw) -> tuple[list[str], tuple[int, int]]:
+    """Columns of canonical text of small random tokens: mostly valid runs, often one token changed,
+    so that every rule (odd count, start 0, length 0, past the end, unsorted, overlapping) is hit."""
+    shape = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    n_pixels = shape[0] * shape[1]
+    values = []
+    for _ in range(draw(st.integers(1, 8))):
+        mask = draw(arrays(np.uint8, shape, elements=st.integers(0, 1)))
+        tokens = rle.encode(mask).split()
+        if draw(st.booleans()):  # break something
+            action = draw(st.sampled_from(["set", "drop", "add"]))
+            value = str(draw(st.integers(0, n_pixels + 2)))
+            if action == "add" or not tokens:
+                tokens.insert(draw(st.integers(0, len(tokens))), value)
+            elif action == "set":
+                tokens[draw(st.integers(0, len(tokens) - 1))] = value
+            else:
+                tokens.pop(draw(st.integers(0, len(tokens) - 1)))
+        values.append(" ".join(tokens))
+    return values, shape
+
+
+@settings(max_examples=500, deadline=None)
+@given(token_columns(), st.sampled_from([(1 << 17, 1 << 22), (1, 1), (10, 30)]))
+def test_batch_validation_accepts_and_rejects_exactly_what_the_per_row_path_does(column, group_limits):
+    values, shape = column
+    names = [f"t{i}.jpg" for i in range(len(values))]
+    expected = _decode_rows(values, shape, source="x.csv", names=names, first_row=2)
+    with _small_groups(*group_limits):
+        if isinstance(expected, str):
+            with pytest.raises(RLEError) as e:
+                rle.decode_many(values, shape, source="x.csv", names=names, first_row=2)
+            assert str(e.value) == expected
+        else:
+            got = rle.decode_many(values, shape, source="x.csv", names=names)
+            np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("text", "message"), ERRORS, ids=[e[0] for e in ERRORS])
+def test_one_bad_row_among_good_ones_is_reported_as_the_per_row_path_does(text, message):
+    good = [PINNED_RLE, "", "1 12", "3 2 7 1"] * 5
+    values = good[:9] + [text] + good[9:]
+    names = [f"tile_{i}.jpg" for i in range(len(values))]
+    with pytest.raises(RLEError) as e:
+        rle.decode_many(values, (4, 3), source="train_mask.csv", names=names)
+    per_row = _decode_rows(values, (4, 3), source="train_mask.csv", names=names)
+    assert str(e.value) == per_row
+    assert str(e.value).startswith("1 malformed RLE value(s):\n  train_mask.csv, row 10 (tile_9.jpg): ")
+    assert re.search(message, str(e.value))
+
+
+def test_a_non_canonical_row_falls_back_to_the_careful_path_and_decodes_the_same():
+    values = [PINNED_RLE, "2\t5  12 1", "0002 05 12 1", "1 12"]
+    np.testing.assert_array_equal(rle.decode_many(values, (4, 3)), _decode_rows(values, (4, 3)))
+
+
+def test_a_non_string_row_is_reported_among_batched_rows():
+    with pytest.raises(RLEError, match=r"masks, row 3: expected a string, got int 7"):
+        rle.decode_many([PINNED_RLE, "1 12", 7, ""], (4, 3))
+
+
+def test_decode_many_returns_column_major_masks_without_out():
+    masks = rle.decode_many([PINNED_RLE, "1 1", ""], (4, 3))
+    assert masks.shape == (3, 4, 3) and masks.dtype == np.uint8
+    assert masks.transpose(0, 2, 1).flags.c_contiguous  # [N, W, H] underneath: RLE pixel order
+    assert all(m.flags.f_contiguous for m in masks)
+    np.testing.assert_array_equal(masks[0], PINNED_MASK)
+
+
+@pytest.mark.parametrize("layout", ["column-major", "C"])
+def test_decode_many_fills_out_in_either_layout(layout):
+    values = [PINNED_RLE, "", "1 12", float("nan"), "12 1"] * 3
+    if layout == "C":
+        out = np.full((len(values), 4, 3), 7, np.uint8)
+    else:  # each mask column-major, e.g. a memmap [N, W, H] seen through .transpose(0, 2, 1)
+        out = np.full((len(values), 3, 4), 7, np.uint8).transpose(0, 2, 1)
+    with _small_groups(20, 30), _batch_only():
+        result = rle.decode_many(values, (4, 3), out=out)
+    assert result is out
+    np.testing.assert_array_equal(out, _decode_rows(values, (4, 3)))
+    if layout == "column-major":  # the buffer underneath holds each mask in RLE pixel order
+        assert "".join(map(str, out.transpose(0, 2, 1)[0].ravel())) == "011111000001"  # "2 5 12 1"
+
+
+def test_decode_many_rejects_out_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"out has shape \(2, 3, 4\); expected \(2, 4, 3\)"):
+        rle.decode_many([PINNED_RLE, ""], (4, 3), out=np.zeros((2, 3, 4), np.uint8))
+
+
 # --------------------------------------------------------------------------------------------- real data
 
 
@@ -297,7 +462,8 @@ def test_every_real_mask_round_trips(csv):
         pytest.skip(f"real data not found at {REAL_DATA} (set BUILDSEG_REAL_DATA)")
     df = pd.read_csv(path, sep="\t", header=None, names=["name", "rle"], keep_default_na=False, dtype=str)
     assert len(df) > 0
-    masks = rle.decode_many(df["rle"].tolist(), (512, 512), source=str(path), names=df["name"].tolist())
+    with _batch_only():  # every real row is canonical text: all of it goes through the batch path
+        masks = rle.decode_many(df["rle"].tolist(), (512, 512), source=str(path), names=df["name"].tolist())
     bad = [n for n, s, m in zip(df["name"], df["rle"], masks) if rle.encode(m) != s]
     assert not bad, f"{len(bad)} masks do not round-trip, e.g. {bad[:5]}"
     # Spot-check the decoder against the reference on a few rows (the reference encoder is slow).

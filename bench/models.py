@@ -1,0 +1,157 @@
+"""Every architecture of the registry: parameters, training and inference throughput.
+
+    python -m bench.models                      # CUDA: 512x512, bf16 autocast, channels_last, batch 16/32
+    python -m bench.models --tiny               # CPU check of the script: 64x64, fp32, batch 2
+    python -m bench.models --tag h100 --classes 21
+
+Per model: parameter count (``pipeline.models.count_parameters``), training img/s (one full
+``pipeline.train.TrainStep``: forward, CE+Dice loss, backward, AdamW step, on one batch resident on the
+device) and inference img/s (``pipeline.infer.predict_batch``, no TTA). Random uint8 images and masks:
+this measures the model, not the data loader (``bench/train_throughput.py`` does that).
+Writes ``bench/results/models[-<tag>].json`` with the device named; a CPU run says so in ``note``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+
+from bench.common import device_info, write_result
+from pipeline.config import load_config
+from pipeline.infer import predict_batch
+from pipeline.losses import build_loss
+from pipeline.models import build_model, count_parameters
+from pipeline.train import Dist, TrainStep, pick_device
+
+DLV3P = ["model.arch=DeepLabV3Plus", "model.encoder=resnet34"]
+# (label, overrides): the README's table, in this order.
+MODELS: list[tuple[str, list[str]]] = [
+    ("U-Net / ResNet34 (default)", ["model.arch=Unet", "model.encoder=resnet34"]),
+    ("U-Net / VGG16", ["model.arch=Unet", "model.encoder=vgg16"]),
+    ("FCN-8s / VGG16", ["model.arch=FCN8s", "model.encoder=vgg16"]),
+    ("DeepLab-V3+ / ResNet34 OS16", [*DLV3P, "model.output_stride=16"]),
+    ("DeepLab-V3+ / ResNet34 OS8", [*DLV3P, "model.output_stride=8"]),
+    ("FPN / ResNet34", ["model.arch=FPN", "model.encoder=resnet34"]),
+    ("U-Net++ / ResNet34", ["model.arch=UnetPlusPlus", "model.encoder=resnet34"]),
+]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    overrides: Sequence[str], size: int, train_bs: int, infer_bs: int, steps: int, warmup: int
+) -> dict:
+    """One model: parameters, train img/s, inference img/s, peak GPU memory (GiB) of the train step."""
+    cfg = load_config(None, list(overrides))
+    device = pick_device(cfg.train.device, Dist())
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    row = {"arch": cfg.model.arch, "encoder": cfg.model.encoder, "classes": cfg.model.classes,
+           "parameters": count_parameters(model)}
+    if cfg.model.arch == "DeepLabV3Plus":
+        row["output_stride"] = cfg.model.output_stride
+    loss_fn = build_loss(cfg.model, cfg.loss).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step = TrainStep(model, model, loss_fn, opt, None, None, cfg, device)
+    k = max(2, cfg.model.classes)
+    x = torch.randint(0, 256, (train_bs, 3, size, size), dtype=torch.uint8, device=device)
+    y = torch.randint(0, k, (train_bs, size, size), dtype=torch.uint8, device=device)
+
+    model.train()
+    for _ in range(warmup):
+        step(x, y, 1e-4)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(x, y, 1e-4)
+    _sync(device)
+    row["train_img_s"] = round(steps * train_bs / (time.perf_counter() - t0), 2)
+    row["peak_gpu_mem_gib"] = (
+        round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    )
+    step.check_finite(0, 0)
+
+    del opt, step
+    model.eval()
+    xi = torch.randint(0, 256, (infer_bs, 3, size, size), dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        xi = xi.contiguous(memory_format=torch.channels_last)
+    for _ in range(warmup):
+        predict_batch([model], xi, "none", cfg.model.classes)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        predict_batch([model], xi, "none", cfg.model.classes)
+    _sync(device)
+    row["infer_img_s"] = round(steps * infer_bs / (time.perf_counter() - t0), 2)
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU, 64x64, fp32, batch 2, 2 steps (script check)")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16, help="training batch (inference uses twice this)")
+    p.add_argument("--classes", type=int, default=1, help="model.classes (1 = binary buildings)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--only", default="", help="comma-separated substrings of model labels to run")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    a = p.parse_args(argv)
+    if a.tiny:
+        size, bs, steps, warmup, tag = 64, 2, 2, 1, a.tag or "cpu-tiny"
+        base = ["train.device=cpu"]
+    else:
+        if not torch.cuda.is_available():
+            p.error("no CUDA GPU: these are GPU figures; --tiny checks the script on CPU")
+        size, bs, steps, warmup, tag = a.size, a.batch_size, a.steps, a.warmup, a.tag
+        base = ["train.device=cuda", "train.amp=bf16", "train.channels_last=true"]
+    base += [f"model.classes={a.classes}", "model.encoder_weights=null"]
+    wanted = [s.strip().lower() for s in a.only.split(",") if s.strip()]
+    rows = []
+    for label, over in MODELS:
+        if wanted and not any(w in label.lower() for w in wanted):
+            continue
+        try:
+            row = {"model": label, **measure([*base, *over], size, bs, 2 * bs, steps, warmup)}
+        except torch.cuda.OutOfMemoryError:
+            row = {"model": label, "error": f"CUDA out of memory at batch {bs}; use --batch-size {bs // 2}"}
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(
+            f"{label:<30} {row.get('parameters', 0) / 1e6:7.1f} M params  train {row.get('train_img_s')} im/s"
+            f"  infer {row.get('infer_img_s')} im/s  peak {row.get('peak_gpu_mem_gib')} GiB",
+            flush=True,
+        )
+    device = torch.device("cuda" if not a.tiny else "cpu")
+    result = {
+        "image_size": size,
+        "train_batch_size": bs,
+        "infer_batch_size": 2 * bs,
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "channels_last": device.type == "cuda",
+        "steps": steps,
+        "warmup_steps": warmup,
+        "models": rows,
+        **device_info(device),
+    }
+    if device.type != "cuda":
+        result["note"] = "CPU check of the script only (64 px); the GPU figures are still to be measured"
+    path = write_result(f"models{'-' + tag if tag else ''}.json", result)
+    print(f"-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,491 @@
+"""Multi-class: VOC and Cityscapes-style layouts, nearest-neighbour masks, class-id PNG prediction and
+scoring, and every architecture end to end (``pipeline.train`` -> ``submit`` / ``predict``) on CPU.
+
+The data: a tiny 3-class VOC-layout set generated here (palette PNGs with classes 0/1/2 and a 255
+"void" border around every object; training images 64x64, validation images of varying sizes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY_OVERRIDES
+from PIL import Image
+
+from pipeline import predict, score, submit, train
+from pipeline.config import ConfigError, DataConfig, load_config
+from pipeline.data import DataError, Split, build_transforms
+from pipeline.infer import load_manifest
+from pipeline.layouts import (
+    LAYOUTS,
+    LabelPngs,
+    foreground_fraction,
+    read_colormap,
+    read_source,
+    voc_colors,
+)
+from pipeline.metrics import confusion_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+COLORMAP = {
+    "classes": [
+        {"id": 0, "name": "background", "color": [0, 0, 0]},
+        {"id": 1, "name": "roof", "color": [200, 40, 40]},
+        {"id": 2, "name": "pool", "color": [40, 40, 200]},
+    ],
+    "ignore_index": 255,
+}
+VAL_SIZES = ((64, 64), (64, 64), (60, 72), (48, 80))
+
+
+def draw_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image uint8 [h, w, 3] and its mask uint8 [h, w]: a red square (1), a blue disk (2), void rims."""
+    img = rng.integers(60, 100, (h, w, 3)).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for cls, color in ((1, (200, 40, 40)), (2, (40, 40, 200))):
+        cy, cx, r = rng.integers(12, h - 12), rng.integers(12, w - 12), rng.integers(6, 11)
+        if cls == 1:
+            inside = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+            rim = (abs(yy - cy) <= r + 1) & (abs(xx - cx) <= r + 1) & ~inside
+        else:
+            d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+            inside, rim = d2 <= r * r, (d2 <= (r + 1.5) ** 2) & (d2 > r * r)
+        mask[rim & (mask == 0)] = 255
+        mask[inside] = cls
+        img[inside] = color
+    return img, mask
+
+
+def save_palette_png(path: Path, mask: np.ndarray) -> None:
+    im = Image.fromarray(mask, mode="P")
+    im.putpalette([v for c in voc_colors() for v in c])
+    im.save(path)
+
+
+def make_voc(root: Path, n_train: int = 8, val_sizes=VAL_SIZES, seed: int = 0, colormap: bool = True) -> Path:
+    """A VOC-layout folder: JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/*.txt."""
+    rng = np.random.default_rng(seed)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = []
+    for i, (h, w) in enumerate([(64, 64)] * n_train + list(val_sizes)):
+        img, mask = draw_scene(rng, h, w)
+        ids.append(f"2007_{i:06d}")
+        Image.fromarray(img).save(root / "JPEGImages" / f"{ids[-1]}.jpg", quality=95)
+        save_palette_png(root / "SegmentationClass" / f"{ids[-1]}.png", mask)
+    lists = root / "ImageSets" / "Segmentation"
+    (lists / "train.txt").write_text("\n".join(ids[:n_train]) + "\n")
+    if ids[n_train:]:
+        (lists / "val.txt").write_text("\n".join(ids[n_train:]) + "\n")
+    if colormap:
+        (root / "colormap.json").write_text(json.dumps(COLORMAP))
+    return root
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory) -> Path:
+    return make_voc(tmp_path_factory.mktemp("voc") / "VOC")
+
+
+def voc_cfg(root: Path) -> DataConfig:
+    return DataConfig(root=str(root), layout="voc", colormap_json="colormap.json")
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_voc_reader_reads_palette_indices_as_class_ids(voc_root):
+    source = read_source(voc_cfg(voc_root))
+    assert source.class_names == ["background", "roof", "pool"]
+    assert source.colors == [(0, 0, 0), (200, 40, 40), (40, 40, 200)]
+    assert source.ignore_index == 255
+    assert len(source.train) == 8 and len(source.test) == 4
+    assert source.train.names[0] == "2007_000000.jpg"
+    assert isinstance(source.train.masks, LabelPngs)  # lazy: one PNG read per masks[i]
+    # The ids read back are exactly what was drawn (palette index = class id), at native size.
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(64, 64)] * 8 + list(VAL_SIZES)):
+        _, drawn = draw_scene(rng, h, w)
+        got = source.train.masks[i] if i < 8 else source.test.masks[i - 8]
+        assert got.dtype == np.uint8 and got.shape == (h, w)
+        np.testing.assert_array_equal(got, drawn)
+    assert set(np.unique(source.train.masks[0])) == {0, 1, 2, 255}
+    # Subsets stay lazy and index the right files.
+    sub = source.test.subset([2])
+    assert sub.names == ["2007_000010.jpg"] and sub.masks[0].shape == (60, 72)
+
+
+def test_voc_default_classes_are_the_21_voc_classes(tmp_path):
+    root = make_voc(tmp_path / "VOC", n_train=2, val_sizes=(), colormap=False)
+    source = read_source(DataConfig(root=str(root), layout="voc"), with_test=False)
+    assert source.num_classes == 21 and source.class_names[15] == "person"
+    assert source.colors[:3] == [(0, 0, 0), (128, 0, 0), (0, 128, 0)]
+    assert source.colors[15] == (192, 128, 128)
+    assert voc_colors()[255] == (224, 224, 192)  # the void border's colour
+    assert source.test is None  # no val.txt here: nothing to predict
+    assert {"competition", "voc", "cityscapes"} <= set(LAYOUTS)
+
+
+def test_voc_reader_errors_name_the_file(tmp_path):
+    root = make_voc(tmp_path / "VOC", n_train=3, val_sizes=((64, 64),))
+    cfg = voc_cfg(root)
+    with pytest.raises(DataError, match="JPEGImages"):
+        read_source(DataConfig(root=str(tmp_path), layout="voc"))
+    lists = root / "ImageSets" / "Segmentation"
+    (lists / "train.txt").write_text("2007_000000\n2007_999999\n")
+    with pytest.raises(DataError, match=r"have no image in .*JPEGImages/ \(<id>\.jpg\): 2007_999999\."):
+        read_source(cfg)
+    (lists / "train.txt").write_text("2007_000000\n2007_000001\n")
+    (root / "SegmentationClass" / "2007_000001.png").unlink()
+    with pytest.raises(DataError, match=r"have no mask in .*SegmentationClass/ \(<id>\.png\): 2007_000001\."):
+        read_source(cfg)
+    # A class id the colormap does not know: reported (lazily) with the file, not trained on as garbage.
+    bad = np.zeros((64, 64), np.uint8)
+    bad[5:9, 5:9] = 7
+    save_palette_png(root / "SegmentationClass" / "2007_000001.png", bad)
+    masks = read_source(cfg).train.masks
+    with pytest.raises(DataError, match=r"2007_000001\.png: pixel values \[7\].*0\.\.2 and ignore 255"):
+        masks[1]
+    # A colour (RGB) mask is refused with the fix.
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "SegmentationClass" / "2007_000001.png")
+    with pytest.raises(DataError, match="RGB image; masks must be 8-bit PNGs"):
+        read_source(cfg).train.masks[1]
+
+
+def make_cityscapes(root: Path) -> Path:
+    """images/{train,val}/city/*_leftImg8bit.png + labels/.../*_gtFine_labelIds.png (Cityscapes naming)
+    plus one flat image with a same-stem label; label ids 7 (road), 26 (car), 0 (void)."""
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 3), ("val", 2)):
+        for i in range(n):
+            stem = f"city_{i:06d}"
+            (root / "images" / split / "city").mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split / "city").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(
+                root / "images" / split / "city" / f"{stem}_leftImg8bit.png"
+            )
+            label = np.full((32, 48), 7, np.uint8)
+            label[20:, 10:30] = 26
+            label[:2] = 0
+            Image.fromarray(label, mode="L").save(
+                root / "labels" / split / "city" / f"{stem}_gtFine_labelIds.png"
+            )
+    Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(root / "images/train/flat.jpg")
+    Image.fromarray(np.full((32, 48), 26, np.uint8), mode="L").save(root / "labels/train/flat.png")
+    colormap = {
+        "classes": [
+            {"id": 7, "train_id": 0, "name": "road", "color": [128, 64, 128]},
+            {"id": 26, "train_id": 1, "name": "car", "color": [0, 0, 142]},
+            {"id": 0, "train_id": 255, "name": "unlabeled", "color": [0, 0, 0]},
+        ],
+        "ignore_index": 255,
+    }
+    (root / "colormap.json").write_text(json.dumps(colormap))
+    return root
+
+
+def test_cityscapes_reader_maps_label_ids_with_the_colormap(tmp_path):
+    root = make_cityscapes(tmp_path / "cs")
+    cfg = DataConfig(root=str(root), layout="cityscapes", colormap_json="colormap.json")
+    source = read_source(cfg)
+    assert source.class_names == ["road", "car"] and source.colors == [(128, 64, 128), (0, 0, 142)]
+    assert source.ignore_index == 255
+    assert source.train.names == [
+        "city/city_000000_leftImg8bit.png", "city/city_000001_leftImg8bit.png",
+        "city/city_000002_leftImg8bit.png", "flat.jpg",
+    ]
+    m = source.train.masks[0]
+    assert m.shape == (32, 48) and m.dtype == np.uint8
+    assert (m[:2] == 255).all() and (m[20:, 10:30] == 1).all() and m[10, 5] == 0  # 0->void, 26->1, 7->0
+    assert (source.train.masks[3] == 1).all()
+    assert len(source.test) == 2 and source.test.masks is not None
+    # An id missing from the colormap names the file.
+    Image.fromarray(np.full((32, 48), 33, np.uint8), mode="L").save(root / "labels/train/flat.png")
+    with pytest.raises(DataError, match=r"flat\.png: pixel values \[33\]"):
+        read_source(cfg).train.masks[3]
+    with pytest.raises(DataError, match="needs data.colormap_json"):
+        read_source(DataConfig(root=str(root), layout="cityscapes"))
+    (root / "labels/train/flat.png").unlink()
+    with pytest.raises(DataError, match=r"images in .*have no label PNG: labels/train/flat\.png"):
+        read_source(cfg)
+
+
+@pytest.mark.parametrize(
+    ("classes", "match"),
+    [
+        ([{"id": 0, "name": "a", "color": [0, 0, 0]}, {"id": 2, "name": "b", "color": [1, 1, 1]}], "0..K-1"),
+        ([{"id": 3, "name": "a", "color": [0, 0, 0]}, {"id": 3, "name": "b", "color": [1, 1, 1]}], "twice"),
+        ([{"id": 0, "name": "a", "color": [0, 0]}], r"color must be \[r, g, b\]"),
+        ([{"id": 0, "name": "a"}], "must have keys id, name, color"),
+        ([], "non-empty list 'classes'"),
+    ],
+)
+def test_colormap_errors_say_what_to_fix(tmp_path, classes, match):
+    path = tmp_path / "cm.json"
+    path.write_text(json.dumps({"classes": classes}))
+    with pytest.raises(DataError, match=match):
+        read_colormap(path)
+
+
+def test_foreground_fraction_ignores_void_pixels():
+    masks = [np.array([[0, 1], [2, 255]], np.uint8), np.full((2, 2), 255, np.uint8)]
+    split = Split(["a", "b"], [Path("a"), Path("b")], masks)
+    np.testing.assert_allclose(foreground_fraction(split, 255), [2 / 3, 0.0])
+    np.testing.assert_allclose(foreground_fraction(split), [3 / 4, 1.0])
+
+
+# ----------------------------------------------------------------------------- masks stay class ids
+
+
+def test_training_augmentation_never_invents_class_ids(voc_root):
+    """Affine (scale + rotate), D4 and pad + crop keep every mask pixel an original id or the ignore value."""
+    cfg = load_config(None, ["aug.shift_scale_rotate_p=1.0", "aug.scale_limit=0.5", "aug.rotate_limit=45"])
+    source = read_source(voc_cfg(voc_root))
+    masks = [source.train.masks[0], *(source.test.masks[i] for i in range(len(source.test)))]
+    tf = build_transforms(cfg.aug, train=True, crop_size=56, ignore_index=255)
+    changed = 0
+    for mask in masks:
+        allowed = set(np.unique(mask).tolist()) | {255}
+        image = np.zeros((*mask.shape, 3), np.uint8)
+        for seed in range(8):
+            tf.set_random_seed(seed)
+            out = tf(image=image, mask=mask)["mask"]
+            assert out.shape == (56, 56)
+            assert set(np.unique(out).tolist()) <= allowed, f"seed {seed}: new ids"
+            changed += not np.array_equal(out, mask[:56, :56])
+    assert changed > 0.9 * 8 * len(masks)  # the transform really moved the masks
+    # The check can fail: linear interpolation of a 0/2 edge invents the id 1.
+    edge = np.zeros((16, 16), np.uint8)
+    edge[:, 8:] = 2
+    assert 1 in np.unique(cv2.resize(edge, (13, 13), interpolation=cv2.INTER_LINEAR))
+
+
+# ----------------------------------------------------------------------------- metrics and PNGs
+
+
+def test_metrics_report_known_answer():
+    cm = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # rows = truth; class 2 absent everywhere
+    r = score.metrics_report(cm, ["bg", "a", "b"])
+    assert r["pixel_accuracy"] == pytest.approx(5 / 6)
+    assert r["mean_pixel_accuracy"] == pytest.approx((3 / 4 + 1) / 2)
+    assert [c["iou"] for c in r["per_class"]] == [pytest.approx(3 / 4), pytest.approx(2 / 3), None]
+    assert r["mean_iou"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert r["fw_iou"] == pytest.approx(4 / 6 * 3 / 4 + 2 / 6 * 2 / 3)
+    assert r["per_class"][1]["dice"] == pytest.approx(4 / 5)
+    assert r["per_class"][0]["truth_pixels"] == 4 and r["per_class"][1]["pred_pixels"] == 3
+    json.dumps(r, allow_nan=False)  # None, not NaN: standard JSON
+    text = score.format_report(r)
+    assert "mean IoU       0.7083" in text and "b" in text.splitlines()[-1]
+
+
+def test_binary_confusion_matches_the_general_matrix():
+    rng = np.random.default_rng(0)
+    p, t = rng.integers(0, 2, (70, 9, 11), dtype=np.uint8), rng.integers(0, 2, (70, 9, 11), dtype=np.uint8)
+    np.testing.assert_array_equal(score.binary_confusion(p, t), confusion_matrix(p, t, 2))
+
+
+def test_label_png_round_trip_keeps_ids_and_palette(tmp_path):
+    ids = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    path = predict.write_label_png(tmp_path / "sub" / "x.png", ids, [(0, 0, 0), (200, 40, 40), (40, 40, 200)])
+    with Image.open(path) as im:
+        assert im.mode == "P"
+        np.testing.assert_array_equal(np.asarray(im), ids)
+        assert im.getpalette()[:9] == [0, 0, 0, 200, 40, 40, 40, 40, 200]
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB"))[0, 1], [200, 40, 40])
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.png"]  # no temporary file left
+
+
+def test_size_groups_batch_same_sizes_and_pool_the_rest():
+    sizes = [(64, 64), (60, 72), (64, 64), (48, 80), (64, 64)]
+    groups = predict.size_groups(sizes, batch_size=8)
+    assert groups == [([0, 2, 4], 8), ([1, 3], 1)]
+    assert sorted(i for idx, _ in groups for i in idx) == list(range(5))
+
+
+def test_score_label_dir_against_truth(voc_root, tmp_path):
+    source = read_source(voc_cfg(voc_root), with_train=False)
+    colors = source.colors
+    for i, name in enumerate(source.test.names):  # perfect except one image predicted all background
+        truth = np.asarray(source.test.masks[i])
+        pred = np.where(truth == 255, 0, truth).astype(np.uint8) if i else np.zeros_like(truth)
+        predict.write_label_png(score.label_png_path(tmp_path, name), pred, colors)
+    r = score.score_label_dir(tmp_path, source.test, source.class_names, 255)
+    t0 = np.asarray(source.test.masks[0])
+    fg0 = int(((t0 == 1) | (t0 == 2)).sum())
+    assert r["n"] == 4
+    assert r["per_class"][0]["pred_pixels"] - r["per_class"][0]["truth_pixels"] == fg0
+    assert 0 < r["mean_iou"] < 1 and r["per_class"][1]["accuracy"] < 1
+    # the CLI: same numbers, written to <pred-dir>/metrics.json
+    rc = score.main(["--pred-dir", str(tmp_path), "--data", str(voc_root), "--layout", "voc",
+                     "--colormap", "colormap.json"])
+    assert rc == 0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["mean_iou"] == pytest.approx(r["mean_iou"])
+    (tmp_path / "2007_000009.png").unlink()
+    with pytest.raises(DataError, match="1 of 4 predictions are missing"):
+        score.score_label_dir(tmp_path, source.test, source.class_names, 255)
+
+
+def test_class_prediction_figure_panels_and_legend():
+    rng = np.random.default_rng(0)
+    img, truth = draw_scene(rng, 48, 64)
+    pred = np.where(truth == 255, 0, truth).astype(np.uint8)
+    fig = predict.class_prediction_figure([img, img], [pred, pred * 0], [truth, truth],
+                                          [(0, 0, 0), (0, 255, 0), (255, 255, 0)], ["bg", "roof", "pool"],
+                                          names=["a", "b"])
+    assert len(fig.axes) == 8
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["a", "overlay", "prediction", "truth"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["bg", "roof", "pool", "ignored"]
+    overlay = fig.axes[1].images[0].get_array()
+    assert (overlay[pred == 0] == img[pred == 0]).all()  # background is not tinted
+    assert not (overlay[pred == 1] == img[pred == 1]).all()
+    with pytest.raises(ValueError, match="2 images but 1 predictions"):
+        predict.class_prediction_figure([img, img], [pred], None, [(0, 0, 0)] * 3, ["a", "b", "c"])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", ["fcn8s-voc", "unet-vgg16", "deeplabv3plus-cityscapes"])
+def test_tutorial_configs_load_and_match_their_layouts(name, tmp_path):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    if cfg.data.layout == "voc":
+        root = make_voc(tmp_path / "VOC", n_train=2, val_sizes=(), colormap=False)
+        assert read_source(DataConfig(root=str(root), layout="voc")).num_classes == cfg.model.classes
+        assert cfg.loss.ignore_index == 255 and cfg.data.crop_size > 0
+    elif cfg.data.layout == "cityscapes":
+        assert cfg.data.colormap_json and cfg.loss.ignore_index == 255 and cfg.model.classes == 19
+        assert cfg.model.arch == "DeepLabV3Plus"
+    else:
+        assert cfg.model.classes == 1 and (cfg.model.arch, cfg.model.encoder) == ("Unet", "vgg16")
+
+
+# ----------------------------------------------------------------------------- end to end, every architecture
+
+# Every architecture goes through train + submit/predict on the binary demo data and train + predict on
+# the 3-class VOC set; only U-Net/VGG16 multi-class is `slow` (VGG16 runs write 0.3-1.6 GB checkpoints).
+ARCHS = {
+    "unet-resnet18": ["model.arch=Unet", "model.encoder=resnet18"],
+    "unet-vgg16": ["model.arch=Unet", "model.encoder=vgg16"],
+    "fcn8s-vgg16": ["model.arch=FCN8s", "model.encoder=vgg16"],
+    "deeplabv3plus-os8": ["model.arch=DeepLabV3Plus", "model.encoder=resnet18", "model.output_stride=8"],
+    "deeplabv3plus-os16": ["model.arch=DeepLabV3Plus", "model.encoder=resnet18", "model.output_stride=16"],
+    "fpn": ["model.arch=FPN"],  # TINY_OVERRIDES' 0.4 M-parameter MobileNetV3 encoder
+    "unetplusplus": ["model.arch=UnetPlusPlus"],
+}
+SLOW_BINARY: set[str] = set()  # FCN-8s trains in both modes by default: it is the VOC tutorial
+SLOW_MULTI = {"unet-vgg16"}
+FAST = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=2", "infer.tta=none"]
+
+
+def _cases(slow: set[str]) -> list:
+    return [
+        pytest.param(k, marks=[pytest.mark.slow] if k in slow else []) for k in ARCHS
+    ]
+
+
+@pytest.mark.parametrize("arch", _cases(SLOW_BINARY))
+def test_binary_train_then_submit(arch, tiny_cfg, tmp_path):
+    cfg = tiny_cfg(*FAST, *ARCHS[arch])
+    run_dir = train.run(cfg, folds=[0])
+    manifest = load_manifest(run_dir)
+    data = submit.run_data_config(manifest)
+    result = submit.make_submission(manifest, data, tmp_path / "sub", num_workers=0)
+    assert result.rows == 8 and result.path.is_file()  # validated inside make_submission
+    assert 0 <= result.score["dice"] <= 1
+    m = result.score["metrics"]
+    assert 0 <= m["pixel_accuracy"] <= 1 and [c["name"] for c in m["per_class"]] == ["background", "building"]
+    assert sum(c["truth_pixels"] for c in m["per_class"]) == 8 * 64 * 64
+    # pipeline.predict on the same run: 0/1 PNGs, and the same numbers as the scored RLE submission.
+    out = predict.predict_to_dir(manifest, data, tmp_path / "pred", num_workers=0)
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 8
+    assert out.metrics["competition_dice"] == pytest.approx(result.score["dice"])
+    assert out.metrics["confusion_matrix"] == m["confusion_matrix"]
+
+
+def _multi_cfg(voc_root: Path, tmp_path: Path, *extra: str):
+    return load_config(None, [
+        f"data.root={voc_root}", "data.layout=voc", "data.colormap_json=colormap.json", "model.classes=3",
+        "loss.ignore_index=255", f"train.runs_dir={tmp_path / 'runs'}", "name=voc", *TINY_OVERRIDES, *FAST,
+        *extra,
+    ])
+
+
+@pytest.mark.parametrize("arch", _cases(SLOW_MULTI))
+def test_multiclass_train_then_predict(arch, voc_root, tmp_path):
+    cfg = _multi_cfg(voc_root, tmp_path, *ARCHS[arch])
+    run_dir = train.run(cfg, folds=[0])
+    with np.load(run_dir / "fold0" / "oof.npz") as z:
+        assert z["probs"].dtype == np.uint8 and set(np.unique(z["probs"])) <= {0, 1, 2}  # class ids
+    manifest = load_manifest(run_dir)
+    assert manifest.classes == 3
+    out = tmp_path / "pred"
+    result = predict.predict_to_dir(manifest, submit.run_data_config(manifest), out, num_workers=0)
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [f"2007_{i:06d}.png" for i in range(8, 12)]
+    for (h, w), name in zip(VAL_SIZES, names):  # native size, class ids only, the run's palette
+        with Image.open(out / name) as im:
+            assert im.mode == "P" and im.size == (w, h)
+            assert set(np.unique(np.asarray(im))) <= {0, 1, 2}
+            assert im.getpalette()[3:6] == [200, 40, 40]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == result.metrics and metrics["n"] == 4 and metrics["ignore_index"] == 255
+    for key in ("pixel_accuracy", "mean_pixel_accuracy", "mean_iou", "fw_iou", "mean_dice"):
+        assert 0 <= metrics[key] <= 1, key
+    assert [c["name"] for c in metrics["per_class"]] == ["background", "roof", "pool"]
+    source = read_source(voc_cfg(voc_root), with_train=False)
+    labelled = sum(int((np.asarray(source.test.masks[i]) != 255).sum()) for i in range(4))
+    assert np.sum(metrics["confusion_matrix"]) == labelled  # one matrix over all images, void excluded
+
+
+def test_predict_cli_writes_pngs_metrics_and_figure(voc_root, tmp_path, capsys):
+    run_dir = train.run(_multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "infer.tta=flip"), folds=[0])
+    out = tmp_path / "pred"
+    assert predict.main(["--run", str(run_dir), "--out", str(out), "--figure", "2", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean IoU" in printed and "roof" in printed and "figure.png" in printed
+    assert (out / "figure.png").stat().st_size > 0
+    # The same PNGs scored by pipeline.score give the same numbers.
+    assert score.main(["--pred-dir", str(out), "--data", str(voc_root), "--colormap", "colormap.json"]) == 0
+    # A binary RLE submission is refused for a multi-class run, pointing at predict.
+    manifest = load_manifest(run_dir)
+    with pytest.raises(ConfigError, match="pipeline.predict"):
+        submit.make_submission(manifest, submit.run_data_config(manifest), tmp_path)
+
+
+def test_predict_refuses_data_with_other_classes(voc_root, tmp_path):
+    run_dir = train.run(_multi_cfg(voc_root, tmp_path, *ARCHS["fpn"]), folds=[0])
+    data = DataConfig(root=str(voc_root), layout="voc")  # 21 VOC classes, the run predicts 3
+    with pytest.raises(ConfigError, match="predicts 3 classes .* has 21"):
+        predict.predict_to_dir(load_manifest(run_dir), data, tmp_path / "p", num_workers=0)
+
+
+def test_multiclass_training_on_images_of_different_sizes(tmp_path):
+    """VOC-like sizes: pad + crop batches them; the OOF score compares like with like (validation crop)."""
+    root = make_voc(tmp_path / "VOC", n_train=0, val_sizes=[(60, 72), (64, 64), (48, 80), (72, 60)] * 2)
+    lists = root / "ImageSets" / "Segmentation"
+    (lists / "train.txt").write_text((lists / "val.txt").read_text())
+    with pytest.raises(train.TrainingError, match="4 different sizes .* set data.crop_size"):
+        train.run(_multi_cfg(root, tmp_path, *ARCHS["fpn"]), folds=[0])
+    run_dir = train.run(_multi_cfg(root, tmp_path, *ARCHS["fpn"], "data.crop_size=64"), folds=[0])
+    oof = load_manifest(run_dir).extra["oof"]
+    assert 0 <= oof["oof_miou"] <= 1 and oof["n_oof"] == 4
+    # Validation logs every confusion-matrix metric.
+    logged = pd.read_csv(run_dir / "fold0" / "metrics.csv")
+    for col in ("val_acc", "val_mean_acc", "val_miou", "val_fw_iou", "val_mdice"):
+        assert logged[col].between(0, 1).all(), col
+
+
+def test_train_checks_classes_and_ignore_index_against_the_layout(voc_root, tmp_path):
+    with pytest.raises(train.TrainingError, match="has 3 classes .* set model.classes=3"):
+        train.run(_multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "model.classes=5"), folds=[0])
+    with pytest.raises(train.TrainingError, match="set loss.ignore_index=255"):
+        train.run(_multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "loss.ignore_index=null"), folds=[0])
