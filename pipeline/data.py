@@ -8,9 +8,10 @@ Layout (competition)::
     <root>/test_a_samplesubmit.csv      name<TAB> for every test tile, in submission order
     <root>/test_a_mask.csv              optional ground truth for test_a, same format as train_mask.csv
 
-Masks are decoded once per data set into a uint8 memmap cache ([N, H, W], 0/1 or class ids) and
-shared by every DataLoader worker and epoch; the cache key is the CSV's content hash, so an edited
-CSV is decoded again. Masks are only ever resized with nearest-neighbour (see ``build_transforms``).
+Masks are decoded once per data set into a uint8 memmap cache (stored [N, W, H], each mask
+column-major as the RLE paints it, and read as an [N, H, W] view) shared by every DataLoader worker
+and epoch; the cache key is the CSV's content hash, so an edited CSV is decoded again. Masks are
+only ever resized with nearest-neighbour (see ``build_transforms``).
 
 Images travel as uint8 [3, H, W] tensors: normalisation happens on the device inside the model
 (``pipeline.models.SegModel``), which makes host-to-device copies 4x smaller than float32.
@@ -156,7 +157,7 @@ def check_listed_images(folder: Path, names: Sequence[str], csv_path: Path) -> N
 
 
 def cache_dir() -> Path:
-    """Where decoded masks are cached: $BUILDSEG_CACHE or ./.cache/buildseg (the data folder may be read-only)."""
+    """Decoded-mask cache: $BUILDSEG_CACHE or ./.cache/buildseg (the data folder may be read-only)."""
     return Path(os.environ.get("BUILDSEG_CACHE", ".cache/buildseg"))
 
 

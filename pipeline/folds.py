@@ -243,7 +243,8 @@ def mask_fractions(
     """
     n = len(rles)
     fractions = np.empty(n)
-    buf = np.empty((min(chunk, max(n, 1)), *shape), dtype=np.uint8)
+    # Column-major masks ([k, W, H] underneath): the order decode_many paints in, so no transposing copy.
+    buf = np.empty((min(chunk, max(n, 1)), shape[1], shape[0]), dtype=np.uint8).transpose(0, 2, 1)
     problems = []
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)

@@ -4,25 +4,24 @@ Convention (Tianchi "地表建筑物识别", inherited from Kaggle): mask value 
 numbered column-major (``mask.flatten(order='F')``), starting at 1; the string is space-separated
 ``start length`` pairs; an empty string (or NaN, as pandas reads an empty field) is an empty mask.
 
-Encode and decode use numpy only, never a Python loop over runs or tokens. Measured on the real
-train masks (``python -m bench.rle``, results in ``bench/results/rle.json``), the text <-> integer
-conversion dominates both directions, so it is done in bulk too:
+Measured on the real train masks (``python -m bench.rle``, ``bench/results/rle.json``), the text <->
+integer conversion dominates both directions, so neither side loops over runs in Python:
 
-* decode reads each token as the 8 bytes that end at it (one gather from a byte view of the string)
-  and turns the ASCII digits into an integer with a few SWAR (SIMD-within-a-register) multiplies,
-  then paints the mask with one ``np.repeat`` of alternating 0/1 over gap/length counts;
+* decode (``decode`` and ``decode_many``, a CSV's whole column as the data cache decodes it) runs one
+  compiled pass (numba) over the string's bytes that parses the digits, checks every rule and
+  writes each pixel once. Masks come out column-major ([N, W, H] underneath), the order the runs
+  are painted in. Any row the pass does not accept exactly goes to a careful numpy path that
+  accepts any whitespace and raises the precise error; without numba that path does everything;
 * encode finds run edges with one ``flatnonzero`` in the mask's own memory order (no transposed
-  copy of a C-ordered mask) and writes all numbers as ASCII with the inverse SWAR steps.
-
-Strings that are not in the canonical form (tabs, double spaces, signs, tokens over 8 digits) take
-a slower, careful path whose errors say exactly what is wrong.
+  copy of a C-ordered mask) and writes all numbers as ASCII with SWAR (SIMD-within-a-register)
+  arithmetic on uint64 words.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -41,6 +40,63 @@ _DIGIT_BITS_BY_STEP = np.array(
 )
 _MAX_FAST_VALUE = 10**7  # encode's ASCII writer packs 7 digits + a space into one uint64
 _INT_TOKEN = re.compile(r"-?[0-9]+")
+
+
+def _compile_painter():
+    """The column decoder's inner loop, compiled with numba when it is installed (else None).
+
+    numpy needs ~30 calls per row and a per-run ``np.repeat``; this is one pass over the bytes that
+    parses digits and fills runs in place (measured in bench/rle.py). Any row it does not accept
+    exactly (a non-digit, a double space, a start < 1, a zero length, runs unsorted, overlapping or
+    past the end, an odd token count) is flagged and left to the careful per-row path.
+    """
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - numba is in requirements.txt; GPU hosts may lack it
+        return None
+
+    @njit(cache=True, nogil=True)
+    def paint_rows(buf, offsets, flat, bad):  # pragma: no cover - compiled
+        n_pixels = flat.shape[1]
+        for r in range(offsets.size - 1):
+            row = flat[r]  # every pixel is written once: gaps with 0, runs with 1
+            i, end = offsets[r], offsets[r + 1]
+            painted, k, start = 0, 0, 0
+            while i < end:
+                v, digits = 0, 0
+                while i < end and buf[i] != 32:
+                    c = np.int64(buf[i]) - 48
+                    if c < 0 or c > 9 or digits == 12:
+                        bad[r] = True
+                        break
+                    v = v * 10 + c
+                    digits += 1
+                    i += 1
+                if bad[r] or digits == 0:  # a non-digit, or two spaces in a row
+                    bad[r] = True
+                    break
+                i += 1  # the single space after a token
+                if k % 2 == 0:
+                    start = v - 1
+                    if start < painted:  # start < 1, or before the end of the previous run
+                        bad[r] = True
+                        break
+                else:
+                    if v < 1 or v > n_pixels - start:
+                        bad[r] = True
+                        break
+                    row[painted:start] = 0
+                    row[start : start + v] = 1
+                    painted = start + v
+                k += 1
+            if k % 2:
+                bad[r] = True
+            row[painted:] = 0
+
+    return paint_rows
+
+
+_paint_rows = _compile_painter()
 
 
 class RLEError(ValueError):
@@ -272,6 +328,18 @@ def decode(rle: str | float | None, shape: tuple[int, int] = DEFAULT_SHAPE) -> n
     The result is an F-ordered view (column-major is the order the runs are painted in); use
     ``np.ascontiguousarray`` where C order matters.
     """
+    if _paint_rows is not None and isinstance(rle, str):
+        raw = rle.strip().encode()
+        flat = np.empty((1, shape[0] * shape[1]), dtype=np.uint8)
+        bad = np.zeros(1, dtype=np.bool_)
+        _paint_rows(np.frombuffer(raw or b" ", dtype=np.uint8), np.array([0, len(raw)]), flat, bad)
+        if not bad[0]:
+            return flat.reshape(shape[1], shape[0]).T
+    return _decode_careful(rle, shape)
+
+
+def _decode_careful(rle: str | float | None, shape: tuple[int, int]) -> np.ndarray:
+    """:func:`decode` in numpy alone; accepts any whitespace and raises the precise RLEError."""
     counts = _run_counts(rle, shape)
     values = np.zeros(counts.size, dtype=np.uint8)
     values[1::2] = 1
@@ -310,97 +378,30 @@ def decode_many(
     elif out.shape != (n, h, w):
         raise ValueError(f"out has shape {out.shape}; expected {(n, h, w)} ([N, H, W] for {n} masks)")
     dest = out.transpose(0, 2, 1)  # [N, W, H]: each mask's pixels in RLE order
+    flat = dest.reshape(n, h * w) if dest.flags.c_contiguous else np.empty((n, h * w), dtype=np.uint8)
     problems = []
-    alternating = np.zeros(0, dtype=np.uint8)  # 0, 1, 0, 1, ...: gaps and runs, grown as needed
-    for lo, hi, texts in _groups(rles, h * w):
-        counts = None if texts is None else _batch_counts(texts, h * w)
-        if counts is not None:
-            if alternating.size < counts.size:
-                alternating = np.zeros(2 * counts.size, dtype=np.uint8)
-                alternating[1::2] = 1
-            dest[lo:hi] = np.repeat(alternating[: counts.size], counts).reshape(hi - lo, w, h)
-            continue
-        for i in range(lo, hi):
-            try:
-                out[i] = decode(rles[i], shape)
-            except RLEError as e:
-                name = f" ({names[i]})" if names is not None else ""
-                problems.append(f"{source}, row {first_row + i}{name}: {e}")
+    texts = [r.strip() if isinstance(r, str) else ("" if _is_empty(r) else None) for r in rles]
+    if _paint_rows is not None and n:
+        # One compiled pass over all rows' bytes; a row it rejects (not canonical, or invalid) is
+        # decoded again below by the careful path, which accepts what is valid and names the error.
+        parts = [b"" if t is None else t.encode() for t in texts]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=n), out=offsets[1:])
+        buf = np.frombuffer(b"".join(parts) or b" ", dtype=np.uint8)
+        bad = np.zeros(n, dtype=np.bool_)
+        _paint_rows(buf, offsets, flat, bad)
+        retry = [i for i in range(n) if bad[i] or texts[i] is None]
+    else:
+        retry = range(n)
+    for i in retry:
+        try:
+            flat[i] = _decode_careful(rles[i], shape).T.reshape(-1)
+        except RLEError as e:
+            name = f" ({names[i]})" if names is not None else ""
+            problems.append(f"{source}, row {first_row + i}{name}: {e}")
+    if not dest.flags.c_contiguous:
+        dest[...] = flat.reshape(n, w, h)  # a C-ordered ``out``: one transposing copy
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise RLEError(f"{len(problems)} malformed RLE value(s):\n  " + "\n  ".join(problems[:20]) + more)
     return out
-
-
-# Batch decoding works on groups of rows small enough for the numpy temporaries of one pass to stay
-# in the L2 cache (about 20 bytes per byte of text; a mask per pixel), and large enough to amortise
-# the ~1 us fixed cost of each of its ~30 numpy calls.
-_GROUP_TEXT_BYTES = 1 << 17
-_GROUP_PIXELS = 1 << 22
-
-
-def _groups(rles: list, n_pixels: int) -> Iterator[tuple[int, int, list[str] | None]]:
-    """Consecutive row ranges [lo, hi) of at most ``_GROUP_TEXT_BYTES`` of text and ``_GROUP_PIXELS``
-    pixels (at least one row), with the rows' stripped texts ("" for an empty mask), or None where a
-    row is neither a string nor empty (the per-row path reports it)."""
-    max_rows = max(1, _GROUP_PIXELS // n_pixels)
-    lo, size, texts = 0, 0, []
-    for i, rle in enumerate(rles):
-        if isinstance(rle, str):
-            t = rle.strip()
-        elif _is_empty(rle):
-            t = ""
-        else:
-            t = None
-        if t is None:
-            texts = None
-        elif texts is not None:
-            texts.append(t)
-        size += 1 if t is None else len(t) + 1
-        if size >= _GROUP_TEXT_BYTES or i + 1 - lo == max_rows or i + 1 == len(rles):
-            yield lo, i + 1, texts
-            lo, size, texts = i + 1, 0, []
-
-
-def _batch_counts(texts: list[str], n_pixels: int) -> np.ndarray | None:
-    """Run counts of a group of g rows painted as one pixel sequence, int64 [2R + 1]: gap, run, gap,
-    ..., run, gap over g * n_pixels pixels (R runs in all; a gap may span row ends and empty rows).
-
-    None unless every row is canonical text (see ``_parse_canonical``) of valid runs; the per-row path
-    then finds the problem. Validated without a loop over rows: with each row's first start >= 1,
-    its last run ending inside the image and every length >= 1, the runs of each row are sorted and
-    disjoint exactly when no count is negative.
-    """
-    rows = [r for r, t in enumerate(texts) if t]
-    if not rows:
-        return np.array([len(texts) * n_pixels], dtype=np.int64)
-    parts = [texts[r] for r in rows]
-    text = " ".join([""] * len(_PAD) + parts + [""])  # _parse_padded's padding, in the same join
-    if not text.isascii():
-        return None
-    parsed = _parse_padded(text.encode("ascii"))
-    if parsed is None:
-        return None
-    values, ends = parsed
-    # Each row's tokens: the space after the row's text is at ``ends`` offset sum(len + 1) so far.
-    row_ends = np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)) + 1)
-    last = np.searchsorted(ends, row_ends)  # tokens up to and including each row
-    if (last & 1).any():
-        return None  # an odd number of tokens in some row
-    first = np.concatenate(([0], last[:-1]))  # each row's first token
-    # Edges of each row's runs within its own image: start - 1, start - 1 + length, ...
-    starts, lengths = values[0::2], values[1::2]
-    edges = np.empty(values.size + 2, dtype=np.int64)
-    np.subtract(starts, 1, out=edges[1:-1:2])
-    np.add(edges[1:-1:2], lengths, out=edges[2:-1:2])
-    if lengths.min() < 1 or values[first].min() < 1 or edges[last].max() > n_pixels:
-        return None  # edges[last]: the end of each row's last run
-    edges[0] = 0
-    edges[-1] = (len(texts) - rows[-1]) * n_pixels  # the last row's image ends there
-    counts = edges[1:] - edges[:-1]
-    # The gap before each row's first run also spans the images of the rows before it (so it cannot
-    # be negative: the previous row's runs end inside their image).
-    counts[first] += np.diff(np.asarray(rows, dtype=np.int64), prepend=0) * n_pixels
-    if counts.min() < 0:
-        return None  # unsorted or overlapping runs in some row
-    return counts

@@ -262,3 +262,12 @@ def test_two_process_ddp_matches_single_process_outputs(tiny_cfg, tmp_path):
     sd = load_checkpoint(ddp / "fold0/last.pt")["model"]
     moved = [k for k, v in sd.items() if v.dtype.is_floating_point and not torch.equal(v, init[k])]
     assert len(moved) > len(sd) // 2
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tiny_cfg, monkeypatch):
+    def oom(self, *a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.TrainStep, "__call__", oom)
+    with pytest.raises(train.TrainingError, match=r"out of memory at batch size 4: use train.batch_size=2"):
+        train.run(tiny_cfg(), folds=[0])
