@@ -659,7 +659,7 @@ def _progress(total: int, initial: int, desc: str, d: Dist) -> Any:
 
 
 def resolve_folds(cfg: Config, source: Source, run_dir: Path) -> pd.DataFrame:
-    """folds.csv from ``data.folds_csv`` or ``<root>/folds.csv``, else made from the seed (kept in the run)."""
+    """folds.csv from ``data.folds_csv`` or ``<root>/folds.csv``, else made from the seed (kept in run)."""
     root = Path(cfg.data.root)
     candidates = (
         [Path(cfg.data.folds_csv)] if cfg.data.folds_csv else [root / "folds.csv", run_dir / "folds.csv"]
