@@ -217,9 +217,10 @@ class Split:
         idx = list(idx)
         masks = None
         if self.masks is not None:
-            masks = (
-                self.masks[np.asarray(idx)] if isinstance(self.masks, np.ndarray) else _Take(self.masks, idx)
-            )
+            # Fancy indexing would copy a memmap's masks into RAM (GBs for a large tiled scene set):
+            # keep memmaps and lazy sequences as an index view instead.
+            in_ram = isinstance(self.masks, np.ndarray) and not _on_disk(self.masks)
+            masks = self.masks[np.asarray(idx, dtype=np.int64)] if in_ram else _Take(self.masks, idx)
         return Split([self.names[i] for i in idx], [self.image_paths[i] for i in idx], masks)
 
     def building_fraction(self) -> np.ndarray:
@@ -229,8 +230,19 @@ class Split:
         return np.array([float((self.masks[i] == 1).mean()) for i in range(len(self))])
 
 
+def _on_disk(a: np.ndarray) -> bool:
+    while a is not None:
+        if isinstance(a, np.memmap):
+            return True
+        a = a.base if isinstance(a.base, np.ndarray) else None
+    return False
+
+
 class _Take:
-    """A lazy view ``seq[idx[i]]`` for mask sequences that are not arrays."""
+    """A lazy view ``seq[idx[i]]`` of masks (a memmap or a lazy sequence), read one mask at a time.
+
+    ``np.asarray(view)`` stacks it (uint8 [N, H, W]) for the few callers that want every mask at once.
+    """
 
     def __init__(self, seq: Sequence[np.ndarray], idx: list[int]):
         self.seq, self.idx = seq, idx
@@ -240,6 +252,15 @@ class _Take:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.seq[self.idx[i]]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *np.shape(self.seq[self.idx[0]])) if self.idx else (0,)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if not self.idx:
+            return np.zeros((0, 0, 0), dtype=dtype or np.uint8)
+        return np.stack([np.asarray(self.seq[i]) for i in self.idx]).astype(dtype or np.uint8, copy=False)
 
 
 def load_labelled(root: Path, image_dir: str, csv_name: str) -> Split:
@@ -284,17 +305,22 @@ class SegDataset(torch.utils.data.Dataset):
     Items are dicts: ``IMAGE`` uint8 [3, H, W], ``MASK`` uint8 [H, W] (absent without masks),
     ``NAME`` str, ``INDEX`` int. Augmentation is seeded per sample from ``(seed, epoch, index)``,
     so runs are reproducible with any number of DataLoader workers; call :meth:`set_epoch` before
-    each epoch (workers are re-created per epoch and see the new value).
+    each epoch. The epoch lives in shared memory, so persistent workers (started once per fold,
+    not once per epoch) see the new value.
     """
 
     def __init__(self, split: Split, transform: Any = None, seed: int = 0):
         self.split = split
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch[0] = epoch
 
     def __len__(self) -> int:
         return len(self.split)

@@ -165,7 +165,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def make_loader(
     ds: SegDataset, cfg: Config, device: torch.device, sampler: Any = None, batch_size: int = 0
 ) -> DataLoader:
-    """DataLoader, pinned memory on CUDA; workers are re-created per epoch so ``set_epoch`` reaches them."""
+    """DataLoader, pinned memory on CUDA; persistent workers (the epoch reaches them via shared memory)."""
     workers = cfg.data.num_workers
     return DataLoader(
         ds,
@@ -176,7 +176,7 @@ def make_loader(
         pin_memory=device.type == "cuda",
         drop_last=sampler is not None,
         prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=workers > 0,  # forking workers every (sub-second) epoch would idle the GPU
     )
 
 

@@ -112,3 +112,30 @@ def test_grayscale_and_rgba_are_converted(tmp_path):
     with pytest.warns(UserWarning, match="converted"):
         a = data_mod.read_image(tmp_path / "a.png")
     assert g.shape == a.shape == (8, 8, 3) and g.dtype == np.uint8 and (g == 7).all() and (a == 9).all()
+
+
+def test_persistent_workers_see_the_new_epoch(demo_root):
+    """Workers started once per fold still draw each epoch's augmentations (the epoch is in shared memory)."""
+    train = read_source(DataConfig(root=str(demo_root)), with_test=False).train.subset(range(6))
+    ds = SegDataset(train, build_transforms(AugConfig(), True), seed=5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, persistent_workers=True)
+    seen = {}
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        seen[epoch] = [b[IMAGE].numpy() for b in loader]
+    ref = SegDataset(train, build_transforms(AugConfig(), True), seed=5)
+    for epoch in (0, 1):
+        ref.set_epoch(epoch)
+        expected = [b[IMAGE].numpy() for b in torch.utils.data.DataLoader(ref, batch_size=3)]
+        for a, b in zip(seen[epoch], expected):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(seen[0][0], seen[1][0])
+
+
+def test_subset_of_cached_masks_stays_on_disk(demo_root):
+    train = read_source(DataConfig(root=str(demo_root)), with_test=False).train
+    sub = train.subset([3, 0, 7])
+    assert not isinstance(sub.masks, np.ndarray)  # a lazy view, not a RAM copy of the memmap
+    assert sub.masks.shape == (3, 64, 64)
+    np.testing.assert_array_equal(np.asarray(sub.masks), np.asarray(train.masks)[[3, 0, 7]])
+    np.testing.assert_array_equal(sub.subset([2]).masks[0], train.masks[7])
