@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pipeline import folds as folds_mod
 from pipeline import postprocess, tta
 from pipeline.config import Config, ConfigError, load_config, run_name, save_config, to_dict
-from pipeline.data import IMAGE, INDEX, MASK, DataError, SegDataset, Split, build_transforms
+from pipeline.data import IMAGE, INDEX, MASK, DataError, SegDataset, build_transforms
 from pipeline.io import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, save_yaml
 from pipeline.layouts import Source, foreground_fraction, read_source
 from pipeline.losses import build_loss
@@ -380,21 +380,52 @@ def _write_metrics(fold_dir: Path, history: list[dict[str, float]]) -> None:
         pass
 
 
-def train_fold(
-    cfg: Config,
-    source: Source,
-    folds_df: pd.DataFrame,
-    fold: int,
-    run_dir: Path,
-    d: Dist,
-    resume: bool = True,
-) -> FoldResult:
-    """Train one fold; return its best validation Dice. Writes only on rank 0."""
-    device = pick_device(cfg.train.device, d)
-    seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
-    fold_dir = run_dir / f"fold{fold}"
-    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+@dataclass
+class FoldProgress:
+    """Where a fold's training stands; saved in ``last.pt`` so a rerun resumes exactly there.
 
+    ``partial_loss`` is (loss sum, steps) of an unfinished epoch, so its mean survives a resume.
+    """
+
+    epoch: int = 0  # finished epochs
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    partial_loss: tuple[float, int] = (0.0, 0)
+
+    def state(self) -> dict[str, Any]:
+        return {**asdict(self), "partial_loss": list(self.partial_loss)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FoldProgress:
+        kw = {f.name: state[f.name] for f in fields(cls) if f.name in state}
+        kw["partial_loss"] = tuple(kw.get("partial_loss", (0.0, 0)))
+        kw["history"] = list(kw.get("history", []))
+        return cls(**kw)
+
+    def stopped(self, cfg: Config) -> bool:
+        return self.epoch >= cfg.train.epochs or bool(
+            cfg.train.patience and self.bad_epochs >= cfg.train.patience
+        )
+
+
+@dataclass
+class FoldData:
+    """One fold's splits, datasets and loaders (validation sharded over ranks without padding)."""
+
+    train_ds: SegDataset
+    val_ds: SegDataset
+    sampler: ResumableSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+def fold_data(
+    cfg: Config, source: Source, folds_df: pd.DataFrame, fold: int, d: Dist, device: torch.device
+) -> FoldData:
     fold_of = dict(zip(folds_df["name"], folds_df["fold"]))
     train_idx = [i for i, n in enumerate(source.train.names) if fold_of[n] != fold]
     val_idx = [i for i, n in enumerate(source.train.names) if fold_of[n] == fold]
@@ -403,10 +434,8 @@ def train_fold(
             f"fold {fold} has {len(train_idx)} training and {len(val_idx)} validation tiles; "
             f"folds.csv has folds {sorted(set(fold_of.values()))}"
         )
-    train_split: Split = source.train.subset(train_idx)
-    val_split: Split = source.train.subset(val_idx)
-    crop = cfg.data.crop_size
-    ignore = cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
+    train_split, val_split = source.train.subset(train_idx), source.train.subset(val_idx)
+    crop, ignore = cfg.data.crop_size, cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
     train_ds = SegDataset(
         train_split, build_transforms(cfg.aug, True, crop, ignore), seed=cfg.train.seed + fold
     )
@@ -417,22 +446,20 @@ def train_fold(
             f"fold {fold}: {len(train_split)} training tiles per process is less than one batch of "
             f"{cfg.train.batch_size}; lower train.batch_size"
         )
-    train_loader = make_loader(train_ds, cfg, device, sampler)
-    # Validation is sharded over ranks without padding (so no tile counts twice).
-    val_loader = (
-        make_loader(
-            SegDataset(val_split.subset(range(d.rank, len(val_split), d.world)), val_ds.transform),
-            cfg,
-            device,
-        )
-        if d.world > 1
-        else make_loader(val_ds, cfg, device)
+    shard = val_ds
+    if d.world > 1:  # each rank validates its own tiles; sums are all-reduced (no tile counts twice)
+        shard = SegDataset(val_split.subset(range(d.rank, len(val_split), d.world)), val_ds.transform)
+    return FoldData(
+        train_ds,
+        val_ds,
+        sampler,
+        make_loader(train_ds, cfg, device, sampler),
+        make_loader(shard, cfg, device),
     )
 
-    model = build_model(cfg, pretrained=not (resume and last_path.is_file())).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.model, cfg.loss).to(device)
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> tuple[Any, Any, Any]:
+    """AdamW without weight decay on norms and biases; a GradScaler for fp16; the EMA model if asked."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
@@ -450,18 +477,40 @@ def train_fold(
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True
         )
+    return optimizer, scaler, ema
 
-    steps_per_epoch = len(sampler) // cfg.train.batch_size
+
+def train_fold(
+    cfg: Config,
+    source: Source,
+    folds_df: pd.DataFrame,
+    fold: int,
+    run_dir: Path,
+    d: Dist,
+    resume: bool = True,
+) -> FoldResult:
+    """Train one fold; return its best validation Dice. Writes only on rank 0."""
+    device = pick_device(cfg.train.device, d)
+    seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
+    fold_dir = run_dir / f"fold{fold}"
+    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    data = fold_data(cfg, source, folds_df, fold, d, device)
+    resuming = resume and last_path.is_file()
+
+    model = build_model(cfg, pretrained=not resuming).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.model, cfg.loss).to(device)
+    optimizer, scaler, ema = build_optimizer(cfg, model, device)
+
+    steps_per_epoch = len(data.sampler) // cfg.train.batch_size
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
 
-    start_epoch, skip_steps, global_step = 0, 0, 0
-    resumed_loss: tuple[float, int] = (0.0, 0)
-    best_dice, best_epoch, bad_epochs = -1.0, -1, 0
-    history: list[dict[str, float]] = []
-    if resume and last_path.is_file():
+    prog = FoldProgress()
+    if resuming:
         state = load_checkpoint(last_path, map_location=device)
         if state.get("config") != to_dict(cfg):
             raise TrainingError(
@@ -474,13 +523,9 @@ def train_fold(
             scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
-        start_epoch, skip_steps = state["epoch"], state["step_in_epoch"]
-        global_step = state["global_step"]
-        best_dice, best_epoch, bad_epochs = state["best_dice"], state["best_epoch"], state["bad_epochs"]
-        history = list(state["history"])
-        resumed_loss = tuple(state.get("partial_loss", (0.0, 0)))
+        prog = FoldProgress.from_state(state)
         if d.main:
-            print(f"fold {fold}: resuming at epoch {start_epoch + 1}, step {skip_steps} ({last_path})")
+            print(f"fold {fold}: resuming at epoch {prog.epoch + 1}, step {prog.step_in_epoch} ({last_path})")
     elif d.main:
         fold_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, fold_dir / "config.yaml")
@@ -494,61 +539,51 @@ def train_fold(
     train_step = TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device)
     eval_model = ema.module if ema is not None else model
 
-    def checkpoint(epoch: int, step_in_epoch: int, partial: tuple[float, int] = (0.0, 0)) -> None:
-        """Save last.pt; ``partial`` = (loss sum, steps) of an unfinished epoch, so its mean survives."""
-        if not d.main:
-            return
-        save_checkpoint(
-            last_path,
-            {
-                "model": model.state_dict(),
-                "config": to_dict(cfg),
-                "fold": fold,
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "global_step": global_step,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "best_dice": best_dice,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "history": history,
-                "partial_loss": list(partial),
-            },
-        )
+    def checkpoint() -> None:
+        if d.main:
+            save_checkpoint(
+                last_path,
+                {
+                    "model": model.state_dict(),
+                    "config": to_dict(cfg),
+                    "fold": fold,
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "ema": ema.state_dict() if ema is not None else None,
+                    **prog.state(),
+                },
+            )
 
-    epoch, step = start_epoch, skip_steps
+    if prog.stopped(cfg) and d.main:
+        print(f"fold {fold}: already finished ({prog.epoch} epochs)")
     loss_sum, n_steps = torch.zeros((), device=device), 0
-    finished = start_epoch >= cfg.train.epochs or (cfg.train.patience and bad_epochs >= cfg.train.patience)
-    if finished and d.main:
-        print(f"fold {fold}: already finished ({start_epoch} epochs)")
     try:
         with save_on_signal():
-            for epoch in range(start_epoch, cfg.train.epochs):
-                if cfg.train.patience and bad_epochs >= cfg.train.patience:
-                    break
+            while not prog.stopped(cfg):
+                epoch = prog.epoch
                 model.train()
-                train_ds.set_epoch(epoch)
-                sampler.set_epoch(epoch)
-                sampler.skip = skip_steps * cfg.train.batch_size
-                step = skip_steps
-                skip_steps = 0
+                data.train_ds.set_epoch(epoch)
+                data.sampler.set_epoch(epoch)
+                data.sampler.skip = prog.step_in_epoch * cfg.train.batch_size
                 t0 = time.time()
-                loss_sum = torch.full((), resumed_loss[0], dtype=torch.float32, device=device)
-                n_steps = resumed_loss[1]
-                resumed_loss = (0.0, 0)
-                bar = _progress(steps_per_epoch, step, f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}", d)
-                for batch in train_loader:
-                    if step >= steps_per_epoch:
+                loss_sum = torch.full((), prog.partial_loss[0], dtype=torch.float32, device=device)
+                n_steps = prog.partial_loss[1]
+                bar = _progress(
+                    steps_per_epoch,
+                    prog.step_in_epoch,
+                    f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}",
+                    d,
+                )
+                for batch in data.train_loader:
+                    if prog.step_in_epoch >= steps_per_epoch:
                         break
-                    lr = lr_at(global_step, total_steps, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
-                    loss = train_step(batch[IMAGE], batch[MASK], lr, global_step)
-                    loss_sum += loss.detach()
+                    lr = lr_at(prog.global_step, total_steps, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
+                    loss_sum += train_step(batch[IMAGE], batch[MASK], lr, prog.global_step)
                     n_steps += 1
-                    step += 1
-                    global_step += 1
-                    if step % 10 == 0 or step == steps_per_epoch:
+                    prog.step_in_epoch += 1
+                    prog.global_step += 1
+                    prog.partial_loss = (0.0, 0)  # live in loss_sum/n_steps until saved
+                    if prog.step_in_epoch % 10 == 0 or prog.step_in_epoch == steps_per_epoch:
                         train_step.check_finite(fold, epoch)  # one host sync per 10 steps, not per step
                         if bar is not None:
                             bar.set_postfix(loss=f"{float(loss_sum) / n_steps:.4f}")
@@ -558,7 +593,7 @@ def train_fold(
                     bar.close()
                 train_step.check_finite(fold, epoch)  # never checkpoint a model that saw a non-finite loss
                 train_loss = float(all_reduce_sum(loss_sum.double().clone(), d)) / max(1, n_steps * d.world)
-                metrics, _ = evaluate(eval_model, val_loader, loss_fn, cfg, device, d)
+                metrics, _ = evaluate(eval_model, data.val_loader, loss_fn, cfg, device, d)
                 row = {
                     "epoch": epoch + 1,
                     "train_loss": train_loss,
@@ -566,10 +601,10 @@ def train_fold(
                     "lr": optimizer.param_groups[0]["lr"],
                     "seconds": time.time() - t0,
                 }
-                history.append(row)
-                improved = metrics["val_dice"] > best_dice
+                prog.history.append(row)
+                improved = metrics["val_dice"] > prog.best_dice
                 if improved:
-                    best_dice, best_epoch, bad_epochs = metrics["val_dice"], epoch + 1, 0
+                    prog.best_dice, prog.best_epoch, prog.bad_epochs = metrics["val_dice"], epoch + 1, 0
                     if d.main:
                         save_checkpoint(
                             best_path,
@@ -578,16 +613,18 @@ def train_fold(
                                 "config": to_dict(cfg),
                                 "fold": fold,
                                 "epoch": epoch + 1,
-                                "val_dice": best_dice,
+                                "val_dice": prog.best_dice,
                                 "threshold": cfg.infer.threshold,
                                 "min_area": cfg.infer.min_area,
                             },
                         )
                 else:
-                    bad_epochs += 1
-                checkpoint(epoch + 1, 0)
+                    prog.bad_epochs += 1
+                prog.epoch, prog.step_in_epoch, prog.partial_loss = epoch + 1, 0, (0.0, 0)
+                loss_sum, n_steps = torch.zeros((), device=device), 0
+                checkpoint()
                 if d.main:
-                    _write_metrics(fold_dir, history)
+                    _write_metrics(fold_dir, prog.history)
                     print(
                         f"fold {fold} epoch {epoch + 1}: loss {train_loss:.4f} "
                         f"val_loss {metrics['val_loss']:.4f} "
@@ -596,12 +633,13 @@ def train_fold(
                         flush=True,
                     )
     except (KeyboardInterrupt, _Interrupted) as e:
-        checkpoint(epoch, step, (float(loss_sum), n_steps))
+        prog.partial_loss = (float(loss_sum), n_steps)
+        checkpoint()
         if d.main:
             print(
-                f"\nfold {fold}: interrupted ({type(e).__name__} {e}) at epoch {epoch + 1}, step {step}; "
-                "saved "
-                f"{last_path}. Run the same command with RESUME=1 (--resume) to continue.",
+                f"\nfold {fold}: interrupted ({type(e).__name__} {e}) at epoch {prog.epoch + 1}, "
+                f"step {prog.step_in_epoch}; saved {last_path}. Run the same command with RESUME=1 "
+                "(--resume) to continue.",
                 file=sys.stderr,
             )
         raise SystemExit(130) from None
@@ -612,32 +650,36 @@ def train_fold(
             "or train.amp=bf16"
         ) from None
 
-    oof_path = None
     barrier(d)
-    if d.main:
-        if not best_path.is_file():
-            raise TrainingError(f"fold {fold}: no best checkpoint was written (no epoch ran?)")
-        best = load_checkpoint(best_path, map_location=device)
-        eval_model.load_state_dict(best["model"])
-        _, kept = evaluate(
-            eval_model,
-            make_loader(val_ds, cfg, device),
-            loss_fn,
-            cfg,
-            device,
-            Dist(),
-            tta_name=cfg.infer.tta,
-            keep_probs=True,
+    oof_path = (
+        write_oof(cfg, eval_model, loss_fn, data.val_ds, best_path, fold_dir / "oof.npz", device)
+        if d.main
+        else None
+    )
+    barrier(d)
+    return FoldResult(fold, prog.best_dice, prog.best_epoch, len(prog.history), oof_path)
+
+
+def write_oof(
+    cfg: Config,
+    model: torch.nn.Module,
+    loss_fn: Any,
+    val_ds: SegDataset,
+    best_path: Path,
+    out: Path,
+    device: torch.device,
+) -> Path:
+    """Predict the fold's validation tiles with its best weights (and the submission's TTA) -> oof.npz."""
+    if not best_path.is_file():
+        raise TrainingError(f"{best_path} was never written (no epoch ran?)")
+    model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
+    loader = make_loader(val_ds, cfg, device)
+    _, kept = evaluate(model, loader, loss_fn, cfg, device, Dist(), tta_name=cfg.infer.tta, keep_probs=True)
+    with atomic_write(out, "wb") as f:
+        np.savez_compressed(
+            f, names=np.array(val_ds.split.names), probs=np.stack([kept[i] for i in range(len(val_ds))])
         )
-        oof_path = fold_dir / "oof.npz"
-        with atomic_write(oof_path, "wb") as f:
-            np.savez_compressed(
-                f,
-                names=np.array(val_split.names),
-                probs=np.stack([kept[i] for i in range(len(val_split))]),
-            )
-    barrier(d)
-    return FoldResult(fold, best_dice, best_epoch, len(history), oof_path)
+    return out
 
 
 def _progress(total: int, initial: int, desc: str, d: Dist) -> Any:
