@@ -48,13 +48,15 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     step = TrainStep(model, fwd, loss_fn, opt, None, None, cfg, device)
     bs = cfg.train.batch_size
 
+    sampler = ResumableSampler(ds, d, seed=0)
+    loader = make_loader(ds, cfg, device, sampler)  # one loader, persistent workers: as in training
+
     def batches():
         epoch = 0
         while True:
-            sampler = ResumableSampler(ds, d, seed=0)
             sampler.set_epoch(epoch)
             ds.set_epoch(epoch)
-            yield from make_loader(ds, cfg, device, sampler)
+            yield from loader
             epoch += 1
 
     # (b) model only: one batch resident on the device.
