@@ -220,14 +220,17 @@ class TrainStep:
         ema: Any,
         cfg: Config,
         device: torch.device,
+        start_step: int = 0,
     ):
         self.model, self.fwd, self.loss_fn, self.optimizer = model, fwd, loss_fn, optimizer
         self.scaler, self.ema, self.cfg, self.device = scaler, ema, cfg, device
         self.channels_last = device.type == "cuda" and cfg.train.channels_last
+        # Step counter on the device: creating a tensor from a host int each step would sync.
+        self.step = torch.full((), start_step, dtype=torch.int64, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, global_step: int = 0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """x: uint8 [B, 3, H, W], y: uint8 [B, H, W] (host or device). Returns the detached loss."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -253,8 +256,9 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         loss = loss.detach()
+        self.step += 1
         first_bad = (self.bad_step < 0) & ~torch.isfinite(loss)
-        self.bad_step = torch.where(first_bad, torch.tensor(global_step, device=self.device), self.bad_step)
+        self.bad_step = torch.where(first_bad, self.step, self.bad_step)
         self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
         return loss
 
@@ -262,7 +266,7 @@ class TrainStep:
         bad = int(self.bad_step)
         if bad >= 0:
             raise TrainingError(
-                f"fold {fold}: loss is {float(self.bad_loss)} at global step {bad + 1} (epoch {epoch + 1}); "
+                f"fold {fold}: loss is {float(self.bad_loss)} at global step {bad} (epoch {epoch + 1}); "
                 "lower "
                 f"optim.lr (now {self.cfg.optim.lr}), set optim.grad_clip=1.0, or check that batch's inputs. "
                 "last.pt holds the state of the last finished epoch"
@@ -320,7 +324,7 @@ def evaluate(
         else:
             pred = probs.argmax(1)
             cm += confusion_matrix_torch(pred, y.long(), k, ignore_index=cfg.loss.ignore_index)
-        sums[0] += float(loss) * n
+        sums[0] += loss.detach().double() * n  # stays on the device: no sync per batch
         sums[3] += n
         if keep_probs:
             out = (probs[:, 0] * 255).round().to(torch.uint8) if binary else pred.to(torch.uint8)
@@ -536,7 +540,7 @@ def train_fold(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     fwd = torch.compile(net) if cfg.train.compile else net
-    train_step = TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device)
+    train_step = TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device, prog.global_step)
     eval_model = ema.module if ema is not None else model
 
     def checkpoint() -> None:
@@ -578,7 +582,7 @@ def train_fold(
                     if prog.step_in_epoch >= steps_per_epoch:
                         break
                     lr = lr_at(prog.global_step, total_steps, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
-                    loss_sum += train_step(batch[IMAGE], batch[MASK], lr, prog.global_step)
+                    loss_sum += train_step(batch[IMAGE], batch[MASK], lr)
                     n_steps += 1
                     prog.step_in_epoch += 1
                     prog.global_step += 1
@@ -586,7 +590,8 @@ def train_fold(
                     if prog.step_in_epoch % 10 == 0 or prog.step_in_epoch == steps_per_epoch:
                         train_step.check_finite(fold, epoch)  # one host sync per 10 steps, not per step
                         if bar is not None:
-                            bar.set_postfix(loss=f"{float(loss_sum) / n_steps:.4f}")
+                            last = prog.history[-1]["val_dice"] if prog.history else float("nan")
+                            bar.set_postfix(loss=f"{float(loss_sum) / n_steps:.4f}", val_dice=f"{last:.4f}")
                     if bar is not None:
                         bar.update(1)
                 if bar is not None:
