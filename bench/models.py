@@ -22,9 +22,8 @@ import torch
 from bench.common import device_info, write_result
 from pipeline.config import load_config
 from pipeline.infer import predict_batch
-from pipeline.losses import build_loss
-from pipeline.models import build_model, count_parameters
-from pipeline.train import Dist, TrainStep, pick_device
+from pipeline.models import count_parameters
+from pipeline.train import Dist, build_training, pick_device
 
 DLV3P = ["model.arch=DeepLabV3Plus", "model.encoder=resnet34"]
 # (label, overrides): the README's table, in this order.
@@ -52,16 +51,16 @@ def measure(
     device = pick_device(cfg.train.device, Dist())
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.manual_seed(0)
-    model = build_model(cfg, pretrained=False).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    row = {"arch": cfg.model.arch, "encoder": cfg.model.encoder, "classes": cfg.model.classes,
-           "parameters": count_parameters(model)}
+    step = build_training(cfg, device, pretrained=False)  # exactly the training step of make train
+    model = step.model
+    row = {
+        "arch": cfg.model.arch,
+        "encoder": cfg.model.encoder,
+        "classes": cfg.model.classes,
+        "parameters": count_parameters(model),
+    }
     if cfg.model.arch == "DeepLabV3Plus":
         row["output_stride"] = cfg.model.output_stride
-    loss_fn = build_loss(cfg.model, cfg.loss).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step = TrainStep(model, model, loss_fn, opt, None, None, cfg, device)
     k = max(2, cfg.model.classes)
     x = torch.randint(0, 256, (train_bs, 3, size, size), dtype=torch.uint8, device=device)
     y = torch.randint(0, k, (train_bs, size, size), dtype=torch.uint8, device=device)
@@ -82,7 +81,7 @@ def measure(
     )
     step.check_finite(0, 0)
 
-    del opt, step
+    del step
     model.eval()
     xi = torch.randint(0, 256, (infer_bs, 3, size, size), dtype=torch.uint8, device=device)
     if device.type == "cuda":

@@ -23,9 +23,8 @@ from bench.common import device_info, real_data_dir, tiny_data, write_result
 from pipeline.config import load_config
 from pipeline.data import IMAGE, MASK, SegDataset, build_transforms
 from pipeline.layouts import read_source
-from pipeline.losses import build_loss
-from pipeline.models import build_model, count_parameters
-from pipeline.train import Dist, ResumableSampler, TrainStep, make_loader, pick_device
+from pipeline.models import count_parameters
+from pipeline.train import Dist, ResumableSampler, build_training, make_loader, pick_device
 
 
 def _sync(device: torch.device) -> None:
@@ -39,13 +38,8 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     torch.backends.cudnn.benchmark = device.type == "cuda"
     source = read_source(cfg.data, with_test=False)
     ds = SegDataset(source.train, build_transforms(cfg.aug, True), seed=0)
-    model = build_model(cfg).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    fwd = torch.compile(model) if cfg.train.compile else model
-    loss_fn = build_loss(cfg.model, cfg.loss).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step = TrainStep(model, fwd, loss_fn, opt, None, None, cfg, device)
+    step = build_training(cfg, device, d, pretrained=False)  # exactly the training step of make train
+    model = step.model
     bs = cfg.train.batch_size
 
     sampler = ResumableSampler(ds, d, seed=0)

@@ -220,13 +220,12 @@ class TrainStep:
         ema: Any,
         cfg: Config,
         device: torch.device,
-        start_step: int = 0,
     ):
         self.model, self.fwd, self.loss_fn, self.optimizer = model, fwd, loss_fn, optimizer
         self.scaler, self.ema, self.cfg, self.device = scaler, ema, cfg, device
         self.channels_last = device.type == "cuda" and cfg.train.channels_last
         # Step counter on the device: creating a tensor from a host int each step would sync.
-        self.step = torch.full((), start_step, dtype=torch.int64, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # set to the global step on resume
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
 
@@ -462,8 +461,14 @@ def fold_data(
     )
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> tuple[Any, Any, Any]:
-    """AdamW without weight decay on norms and biases; a GradScaler for fp16; the EMA model if asked."""
+def build_training(cfg: Config, device: torch.device, d: Dist = Dist(), pretrained: bool = True) -> TrainStep:
+    """Model, loss, AdamW (no weight decay on norms and biases), fp16 scaler, EMA, DDP and compile wrappers.
+
+    The one place a training step is assembled: ``train_fold`` and the benchmarks share it.
+    """
+    model = build_model(cfg, pretrained=pretrained).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
@@ -481,7 +486,14 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True
         )
-    return optimizer, scaler, ema
+    net: torch.nn.Module = model
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    fwd = torch.compile(net) if cfg.train.compile else net
+    loss_fn = build_loss(cfg.model, cfg.loss).to(device)
+    return TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device)
 
 
 def train_fold(
@@ -501,11 +513,9 @@ def train_fold(
     data = fold_data(cfg, source, folds_df, fold, d, device)
     resuming = resume and last_path.is_file()
 
-    model = build_model(cfg, pretrained=not resuming).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.model, cfg.loss).to(device)
-    optimizer, scaler, ema = build_optimizer(cfg, model, device)
+    train_step = build_training(cfg, device, d, pretrained=not resuming)
+    model, loss_fn, optimizer = train_step.model, train_step.loss_fn, train_step.optimizer
+    scaler, ema = train_step.scaler, train_step.ema
 
     steps_per_epoch = len(data.sampler) // cfg.train.batch_size
     if cfg.train.max_steps_per_epoch:
@@ -534,13 +544,7 @@ def train_fold(
         fold_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, fold_dir / "config.yaml")
 
-    net: torch.nn.Module = model
-    if d.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    fwd = torch.compile(net) if cfg.train.compile else net
-    train_step = TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device, prog.global_step)
+    train_step.step.fill_(prog.global_step)
     eval_model = ema.module if ema is not None else model
 
     def checkpoint() -> None:
