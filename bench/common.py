@@ -49,3 +49,27 @@ def tiny_data(tmp: Path, size: int = 64, n_train: int = 16, n_test: int = 8) -> 
     from pipeline.demo_data import generate
 
     return generate(tmp / "demo", n_train=n_train, n_test=n_test, size=size, seed=0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_resident_steps(
+    step: Any, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
+) -> tuple[float, Any]:
+    """Images/s of ``step(x, y, lr)`` on a batch already on the device, and peak GPU GiB (None on CPU)."""
+    device = x.device
+    for _ in range(warmup):
+        step(x, y, 1e-4)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(x, y, 1e-4)
+    sync(device)
+    img_s = steps * x.shape[0] / (time.perf_counter() - t0)
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    return img_s, peak

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_info, real_data_dir, tiny_data, write_result
+from bench.common import device_info, real_data_dir, sync, tiny_data, write_result
 from pipeline.config import load_config, to_dict
 from pipeline.data import IMAGE, SegDataset, Split
 from pipeline.infer import load_ensemble, load_manifest, pick_device, predict_batch
@@ -28,11 +28,6 @@ from pipeline.io import save_checkpoint, save_yaml
 from pipeline.layouts import read_source
 from pipeline.models import build_model
 from pipeline.submit import predict_and_encode
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_run(cfg, run_dir: Path, folds: int, tta: str, batch_size: int) -> Path:
@@ -72,20 +67,20 @@ def measure(cfg, folds: int, tta: str, batch_size: int, workers: int, repeats: i
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     predict_batch(models, x, tta)
-    _sync(device)
+    sync(device)
 
     # (b) bare forward passes on a resident batch: n / batch_size batches worth.
     n_batches = -(-n // batch_size)
     t0 = time.perf_counter()
     for _ in range(n_batches):
         predict_batch(models, x, tta)
-    _sync(device)
+    sync(device)
     bare = n_batches * batch_size / (time.perf_counter() - t0)
 
     # (a) end to end.
     t0 = time.perf_counter()
     rows = predict_and_encode(models, split, tta, 0.5, 16, device, batch_size, workers)
-    _sync(device)
+    sync(device)
     e2e = n / (time.perf_counter() - t0)
     assert len(rows) == n
     views = {"none": 1, "flip": 3, "d4": 8}[tta]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bench.common import device_info, write_result
+from bench.common import device_info, sync, time_resident_steps, write_result
 from pipeline.config import load_config
 from pipeline.infer import predict_batch
 from pipeline.models import count_parameters
@@ -36,11 +36,6 @@ MODELS: list[tuple[str, list[str]]] = [
     ("FPN / ResNet34", ["model.arch=FPN", "model.encoder=resnet34"]),
     ("U-Net++ / ResNet34", ["model.arch=UnetPlusPlus", "model.encoder=resnet34"]),
 ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(
@@ -66,19 +61,9 @@ def measure(
     y = torch.randint(0, k, (train_bs, size, size), dtype=torch.uint8, device=device)
 
     model.train()
-    for _ in range(warmup):
-        step(x, y, 1e-4)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(x, y, 1e-4)
-    _sync(device)
-    row["train_img_s"] = round(steps * train_bs / (time.perf_counter() - t0), 2)
-    row["peak_gpu_mem_gib"] = (
-        round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-    )
+    img_s, peak = time_resident_steps(step, x, y, steps, warmup)
+    row["train_img_s"] = round(img_s, 2)
+    row["peak_gpu_mem_gib"] = peak
     step.check_finite(0, 0)
 
     del step
@@ -88,11 +73,11 @@ def measure(
         xi = xi.contiguous(memory_format=torch.channels_last)
     for _ in range(warmup):
         predict_batch([model], xi, "none", cfg.model.classes)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         predict_batch([model], xi, "none", cfg.model.classes)
-    _sync(device)
+    sync(device)
     row["infer_img_s"] = round(steps * infer_bs / (time.perf_counter() - t0), 2)
     return row
 

@@ -19,17 +19,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_info, real_data_dir, tiny_data, write_result
+from bench.common import device_info, real_data_dir, sync, time_resident_steps, tiny_data, write_result
 from pipeline.config import load_config
 from pipeline.data import IMAGE, MASK, SegDataset, build_transforms
 from pipeline.layouts import read_source
 from pipeline.models import count_parameters
 from pipeline.train import Dist, ResumableSampler, build_training, make_loader, pick_device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(cfg, steps: int, warmup: int) -> dict:
@@ -57,28 +52,18 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     it = batches()
     first = next(it)
     x, y = first[IMAGE].to(device), first[MASK].to(device)
-    for _ in range(warmup):
-        step(x, y, 1e-4)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(x, y, 1e-4)
-    _sync(device)
-    model_only = steps * bs / (time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    model_only, peak = time_resident_steps(step, x, y, steps, warmup)
 
     # (a) full loop: loader -> device -> step, the loader already warm (workers started).
     for _ in range(warmup):
         b = next(it)
         step(b[IMAGE], b[MASK], 1e-4)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         b = next(it)
         step(b[IMAGE], b[MASK], 1e-4)
-    _sync(device)
+    sync(device)
     full = steps * bs / (time.perf_counter() - t0)
     return {
         "model": f"{cfg.model.arch}/{cfg.model.encoder}",
@@ -94,7 +79,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
         "full_loop_img_s": round(full, 2),
         "model_only_img_s": round(model_only, 2),
         "ratio": round(full / model_only, 3),
-        "peak_gpu_mem_gib": round(peak, 2) if peak is not None else None,
+        "peak_gpu_mem_gib": peak,
         **device_info(device),
     }
 
