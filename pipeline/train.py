@@ -362,12 +362,8 @@ class FoldResult:
     oof_path: Path | None
 
 
-def _history_frame(history: list[dict[str, float]]) -> pd.DataFrame:
-    return pd.DataFrame(history)
-
-
 def _write_metrics(fold_dir: Path, history: list[dict[str, float]]) -> None:
-    df = _history_frame(history)
+    df = pd.DataFrame(history)
     with atomic_write(fold_dir / "metrics.csv", "w") as f:
         df.to_csv(f, index=False)
     try:
