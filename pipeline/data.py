@@ -223,6 +223,17 @@ class Split:
             masks = self.masks[np.asarray(idx, dtype=np.int64)] if in_ram else _Take(self.masks, idx)
         return Split([self.names[i] for i in idx], [self.image_paths[i] for i in idx], masks)
 
+    def select(self, names: Sequence[str], hint: str = "") -> Split:
+        """The tiles ``names``, in that order; all names missing from this split are named in one error."""
+        index = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise DataError(
+                f"{len(missing)} tiles are not in this data set ({', '.join(missing[:5])})"
+                + (f"; {hint}" if hint else "")
+            )
+        return self.subset([index[n] for n in names])
+
     def building_fraction(self) -> np.ndarray:
         """Fraction of foreground pixels per tile, float [N] (for folds and notebooks)."""
         if self.masks is None:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from pipeline import rle
+from pipeline.data import DataError, image_size
 from pipeline.io import atomic_write_text
 
 MAX_BINS = 10  # quantile bins of the non-empty tiles (deciles), fewer when there are few tiles
@@ -267,15 +267,6 @@ def mask_fractions(
     return fractions
 
 
-def _tile_shape(train_dir: Path, first: str) -> tuple[int, int]:
-    path = train_dir / first
-    if not path.is_file():
-        raise FoldsError(f"{path} not found: the mask size is read from the first training image")
-    with Image.open(path) as im:
-        w, h = im.size
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.folds", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="data folder with train_mask.csv and train/")
@@ -288,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         summary = write_folds(a.data, a.n_folds, a.seed, a.group_csv, a.no_groups, a.out)
-    except (FoldsError, rle.RLEError) as e:
+    except (FoldsError, DataError, rle.RLEError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary)
@@ -311,7 +302,7 @@ def write_folds(
     if df.empty:
         raise FoldsError(f"{csv} lists no tiles")
     names = df["name"].tolist()
-    fractions = mask_fractions(df["rle"].tolist(), _tile_shape(data / "train", names[0]), str(csv), names)
+    fractions = mask_fractions(df["rle"].tolist(), image_size(data / "train" / names[0]), str(csv), names)
     if group_csv is None and not no_groups:
         manifest = data / "manifest.csv"
         if manifest.is_file() and "group" in pd.read_csv(manifest, nrows=0).columns:

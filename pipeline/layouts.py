@@ -159,8 +159,11 @@ def read_colormap(path: str | Path) -> Colormap:
         pid, tid, color = c["id"], c.get("train_id", c["id"]), c["color"]
         if not (isinstance(pid, int) and 0 <= pid <= 255 and isinstance(tid, int) and 0 <= tid <= 255):
             raise _fail(path, f"classes[{i}] ({c['name']}): id and train_id must be integers 0..255")
-        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255
-                                                                    for v in color)):
+        if not (
+            isinstance(color, list)
+            and len(color) == 3
+            and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+        ):
             raise _fail(path, f"classes[{i}] ({c['name']}): color must be [r, g, b] with 0..255 integers")
         entries.append((pid, tid, str(c["name"]), (color[0], color[1], color[2])))
     ids = [e[0] for e in entries]
@@ -276,14 +279,9 @@ def read_competition(cfg: DataConfig, with_train: bool = True, with_test: bool =
         test = load_unlabelled(root, cfg.test_dir, cfg.sample_csv)
         if (root / cfg.test_mask_csv).is_file():
             truth = load_labelled(root, cfg.test_dir, cfg.test_mask_csv)
-            order = {n: i for i, n in enumerate(truth.names)}
-            missing = [n for n in test.names if n not in order]
-            if missing:
-                raise DataError(
-                    f"{root / cfg.test_mask_csv} lacks {len(missing)} test tiles ({', '.join(missing[:5])}); "
-                    "ground truth must list every tile of the sample submission"
-                )
-            test = truth.subset([order[n] for n in test.names])
+            test = truth.select(
+                test.names, f"{root / cfg.test_mask_csv} must list every tile of the sample submission"
+            )
     return Source(train, test, BUILDING_CLASSES, BUILDING_COLORS)
 
 
@@ -306,11 +304,17 @@ def _voc_split(root: Path, list_path: Path, colormap: Colormap) -> Split:
         if not masks[-1].is_file():
             missing_mask.append(i)
     if missing_img:
-        raise _problems(missing_img, f"ids in {list_path} have no image in {img_dir}/ (<id>.jpg)",
-                        "Restore the images or remove the lines")
+        raise _problems(
+            missing_img,
+            f"ids in {list_path} have no image in {img_dir}/ (<id>.jpg)",
+            "Restore the images or remove the lines",
+        )
     if missing_mask:
-        raise _problems(missing_mask, f"ids in {list_path} have no mask in {mask_dir}/ (<id>.png)",
-                        "Restore the masks or remove the lines")
+        raise _problems(
+            missing_mask,
+            f"ids in {list_path} have no mask in {mask_dir}/ (<id>.png)",
+            "Restore the masks or remove the lines",
+        )
     return Split([p.name for p in images], images, LabelPngs(masks, colormap))
 
 
@@ -353,8 +357,11 @@ def _cityscapes_split(root: Path, split: str, cmap: Colormap, need_labels: bool)
         if need_labels:
             raise DataError(f"{img_dir}/ not found: the cityscapes layout keeps images in images/{split}/")
         return None
-    rels = sorted(p.relative_to(img_dir) for p in img_dir.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    rels = sorted(
+        p.relative_to(img_dir)
+        for p in img_dir.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
     if not rels:
         raise DataError(f"{img_dir}/ holds no images (.png/.jpg)")
     images = [img_dir / r for r in rels]
@@ -366,8 +373,11 @@ def _cityscapes_split(root: Path, split: str, cmap: Colormap, need_labels: bool)
     labels = [_cityscapes_label(label_dir, r) for r in rels]
     missing = [str(p.relative_to(root)) for p in labels if not p.is_file()]
     if missing:
-        raise _problems(missing, f"images in {img_dir}/ have no label PNG",
-                        f"Add them (same relative path and stem, .png) to {label_dir}/ or remove the images")
+        raise _problems(
+            missing,
+            f"images in {img_dir}/ have no label PNG",
+            f"Add them (same relative path and stem, .png) to {label_dir}/ or remove the images",
+        )
     return Split(names, images, LabelPngs(labels, cmap))
 
 

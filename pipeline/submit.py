@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline import postprocess, rle
 from pipeline.config import ConfigError, DataConfig, load_config
-from pipeline.data import DataError
+from pipeline.data import DataError, image_size
 from pipeline.infer import Manifest, iter_predictions, load_ensemble, load_manifest, pick_device
 from pipeline.io import CheckpointError, atomic_write
 from pipeline.layouts import read_source
@@ -120,19 +120,15 @@ def make_submission(
     from pipeline.validate import validate_submission
 
     sample = Path(data.root) / data.sample_csv
-    shape = (
-        source.test.masks.shape[1:]
-        if source.test.masks is not None
-        else _shape_of(source.test.image_paths[0])
-    )
-    problems = validate_submission(path, sample if sample.is_file() else None, tuple(shape))
+    shape = image_size(source.test.image_paths[0])  # check_data guarantees every tile has this size
+    problems = validate_submission(path, sample if sample.is_file() else None, shape)
     if problems:
         raise DataError(f"{path} failed validation:\n  " + "\n  ".join(problems))
     truth = Path(data.root) / data.test_mask_csv
     if truth.is_file():
         from pipeline.score import score_submission, write_score
 
-        result.score = score_submission(path, truth, tuple(shape))
+        result.score = score_submission(path, truth, shape)
         write_score(result.score, path)
     return result
 
@@ -145,12 +141,6 @@ def run_data_config(manifest: Manifest, root: str = "") -> DataConfig:
     if not root:
         raise ConfigError("no data folder: pass --data DIR (the manifest has no data_root)")
     return dataclasses.replace(data, root=root)
-
-
-def _shape_of(path: Path) -> tuple[int, int]:
-    from pipeline.data import image_size
-
-    return image_size(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -288,6 +288,9 @@ def evaluate(
 ) -> tuple[dict[str, float], dict[int, np.ndarray]]:
     """Validation loss, competition Dice (mean per image, empty/empty = 1) and IoU at threshold 0.5.
 
+    With a TTA set other than ``none`` (the out-of-fold pass) the model runs once per view and no loss
+    is computed (``val_loss`` is NaN): one forward of the plain view would be work done twice.
+
     Binary adds pixel accuracy; multi-class logs pixel accuracy, mean pixel accuracy, mIoU, FW IoU and
     mean Dice, all from one confusion matrix (``val_dice`` = mIoU, the model selection key). Sums are
     all-reduced over ranks. With ``keep_probs`` returns {dataset index: uint8 [H, W] probability*255}
@@ -303,13 +306,13 @@ def evaluate(
         x = batch[IMAGE].to(device, non_blocking=True)
         y = batch[MASK].to(device, non_blocking=True)
         with autocast_ctx(device, cfg.train.amp):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        probs = (
-            tta.predict_tta(model, x, tta_name, "sigmoid" if binary else "softmax")
-            if tta_name != "none"
-            else (torch.sigmoid(logits.float()) if binary else torch.softmax(logits.float(), 1))
-        )
+            if tta_name == "none":
+                logits = model(x)
+                loss = loss_fn(logits, y).detach()
+                probs = torch.sigmoid(logits.float()) if binary else torch.softmax(logits.float(), 1)
+            else:  # the out-of-fold pass: probabilities exactly as the submission makes them, no loss
+                probs = tta.predict_tta(model, x, tta_name, "sigmoid" if binary else "softmax")
+                loss = torch.full((), float("nan"), device=device)
         n = x.shape[0]
         if binary:
             pred = probs[:, 0] > 0.5
@@ -323,7 +326,7 @@ def evaluate(
         else:
             pred = probs.argmax(1)
             cm += confusion_matrix_torch(pred, y.long(), k, ignore_index=cfg.loss.ignore_index)
-        sums[0] += loss.detach().double() * n  # stays on the device: no sync per batch
+        sums[0] += loss.double() * n  # stays on the device: no sync per batch
         sums[3] += n
         if keep_probs:
             out = (probs[:, 0] * 255).round().to(torch.uint8) if binary else pred.to(torch.uint8)
@@ -744,7 +747,6 @@ def tune_postprocess(cfg: Config, source: Source, run_dir: Path) -> dict[str, An
     files = sorted(run_dir.glob("fold*/oof.npz"))
     if not files:
         raise TrainingError(f"no out-of-fold files in {run_dir}; train at least one fold")
-    index = {n: i for i, n in enumerate(source.train.names)}
     names, probs, per_fold = [], [], {}
     for f in files:
         with np.load(f) as z:
@@ -755,7 +757,7 @@ def tune_postprocess(cfg: Config, source: Source, run_dir: Path) -> dict[str, An
     probs_all = np.concatenate(probs)
     if cfg.model.classes > 1:
         return _multiclass_oof(cfg, source, names, probs_all)
-    truths = np.stack([np.asarray(source.train.masks[index[n]]) for n in names])
+    truths = np.asarray(source.train.select(names).masks)
     result = postprocess.search_threshold(probs_all, truths, cfg.infer.thresholds, cfg.infer.min_areas)
     with atomic_write(run_dir / "threshold_search.csv", "w") as f:
         result.table.to_csv(f, index=False)
@@ -784,11 +786,11 @@ def _multiclass_oof(cfg: Config, source: Source, names: list[str], preds: np.nda
 
     ignore = cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
     view = build_transforms(cfg.aug, False, cfg.data.crop_size, ignore)
-    index = {n: i for i, n in enumerate(source.train.names)}
     k = cfg.model.classes
     cm = np.zeros((k, k), dtype=np.int64)
-    for name, pred in zip(names, preds):
-        truth = np.asarray(source.train.masks[index[name]])
+    truths = source.train.select(names).masks
+    for i, pred in enumerate(preds):
+        truth = np.asarray(truths[i])
         if view is not None:
             truth = view(image=np.zeros((*truth.shape, 3), np.uint8), mask=truth)["mask"]
         cm += confusion_matrix(pred, truth, k, ignore_index=cfg.loss.ignore_index)

@@ -40,7 +40,7 @@ from matplotlib.patches import Patch
 
 from pipeline import postprocess, rle
 from pipeline.config import DataConfig, from_dict
-from pipeline.data import Split, image_size, read_image, read_mask_csv
+from pipeline.data import DataError, Split, image_size, read_image, read_mask_csv
 from pipeline.io import atomic_write_bytes, load_yaml
 from pipeline.layouts import Source
 from pipeline.metrics import dice_per_image
@@ -579,14 +579,12 @@ def evaluate_oof(
     """
     if train.masks is None:
         raise ValueError("the train split has no masks; pass source.train of the data the run was trained on")
-    index = {n: i for i, n in enumerate(train.names)}
-    missing = [n for n in run.oof_names if n not in index]
-    if missing:
-        raise RunError(
-            f"{len(missing)} OOF tiles of {run.path} are not in the data ({', '.join(missing[:5])}); "
-            "point DATA at the data the run was trained on"
+    try:
+        oof = train.select(
+            run.oof_names, f"OOF tiles of {run.path}: point DATA at the data the run was trained on"
         )
-    oof = train.subset([index[n] for n in run.oof_names])
+    except DataError as e:
+        raise RunError(str(e)) from None
     if np.shape(oof.masks) != run.oof_probs.shape:
         raise RunError(
             f"OOF probabilities {run.oof_probs.shape} and masks {np.shape(oof.masks)} differ in shape; "

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline import train
-from pipeline.config import to_dict
+from pipeline.config import save_config, to_dict
 from pipeline.data import IMAGE, MASK, SegDataset
 from pipeline.io import load_checkpoint, load_yaml
 from pipeline.layouts import read_source
@@ -184,17 +184,7 @@ def test_cli_reports_config_errors(capsys):
 def test_sigkill_mid_epoch_then_resume(tiny_cfg, tmp_path):
     """A SIGKILLed run loses at most the epoch in progress; rerunning finishes all epochs."""
     cfg = tiny_cfg("train.epochs=4", "name=killed")
-    overrides = [f"{k}={v}" for k, v in _flat(to_dict(cfg))]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.train",
-        "--config",
-        str(ROOT / "configs/demo.yaml"),
-        "--folds",
-        "0",
-        *overrides,
-    ]
+    cmd = _train_cli(cfg, tmp_path)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = Path(cfg.train.runs_dir) / "killed/fold0/last.pt"
     deadline = time.time() + 120
@@ -212,15 +202,11 @@ def test_sigkill_mid_epoch_then_resume(tiny_cfg, tmp_path):
     build_model(cfg).load_state_dict(load_checkpoint(last)["model"])
 
 
-def _flat(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            yield from _flat(v, key + ".")
-        elif isinstance(v, list):
-            yield key, "[" + ",".join(str(x) for x in v) + "]"
-        else:
-            yield key, "null" if v is None else v
+def _train_cli(cfg, tmp_path: Path, *launcher: str) -> list[str]:
+    """``python [launcher] -m pipeline.train`` on fold 0 with ``cfg``, passed as a saved config file."""
+    save_config(cfg, tmp_path / "cli.yaml")
+    runner = [sys.executable, *launcher] if launcher else [sys.executable]
+    return [*runner, "-m", "pipeline.train", "--config", str(tmp_path / "cli.yaml"), "--folds", "0"]
 
 
 @pytest.mark.skipif(
@@ -231,21 +217,7 @@ def test_two_process_ddp_matches_single_process_outputs(tiny_cfg, tmp_path):
     """torchrun, 2 CPU processes (gloo): training runs, only rank 0 writes, outputs have the same shape."""
     single = train.run(tiny_cfg("train.epochs=1", "name=single"), folds=[0])
     cfg = tiny_cfg("train.epochs=1", "name=ddp", "train.batch_size=2")
-    overrides = [f"{k}={v}" for k, v in _flat(to_dict(cfg))]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "pipeline.train",
-        "--config",
-        str(ROOT / "configs/demo.yaml"),
-        "--folds",
-        "0",
-        *overrides,
-    ]
+    cmd = _train_cli(cfg, tmp_path, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ddp = Path(cfg.train.runs_dir) / "ddp"
