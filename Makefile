@@ -18,8 +18,11 @@ SUBMISSION ?=
 PRED   ?=
 LAYOUT ?= voc
 
+# A DATA the user typed (command line or environment) is always passed on, even when it equals the default.
+DATA_ARG = $(if $(filter command line environment environment override,$(origin DATA)),--data $(DATA))
+
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data folds train submit score validate check-data test test-all lint bench \
+.PHONY: help install demo demo-data folds train tune submit score validate check-data test test-all lint bench \
         bench-accuracy bench-models lab report predict predict-scene clean
 
 help: ## list the targets
@@ -47,26 +50,28 @@ folds: $(STAMP) ## write DATA/folds.csv (stratified by building fraction, groupe
 check-data: $(STAMP) ## report every problem of a data folder (DATA=...)
 	$(PY) -m pipeline.check_data $(DATA)
 
+tune: $(STAMP) ## re-tune a trained run's threshold/min-area on its OOF files, no retraining (RUN= ARGS="infer.thresholds=[..]")
+	$(PY) -m pipeline.tune $(if $(RUN),--run $(RUN)) $(DATA_ARG) $(ARGS)
+
 train: $(STAMP) ## train all folds (DATA= CONFIG= FOLDS=0,1 GPUS=N RESUME=0|1 ARGS="train.epochs=3")
 	$(if $(filter 1,$(GPUS)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS)) \
 	  -m pipeline.train --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) \
 	  $(if $(filter 0,$(RESUME)),--no-resume) data.root=$(DATA) $(ARGS)
 
 submit: $(STAMP) ## predict the test tiles with the newest run (RUN= DATA= TTA=none|flip|d4) and validate
-	$(PY) -m pipeline.submit $(if $(RUN),--run $(RUN)) $(if $(filter-out data/demo,$(DATA)),--data $(DATA)) \
+	$(PY) -m pipeline.submit $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
 	  $(if $(TTA),--tta $(TTA))
 
 validate: $(STAMP) ## check a submission file (SUBMISSION=... DATA=...)
 	$(PY) -m pipeline.validate $(SUBMISSION) --sample $(DATA)/test_a_samplesubmit.csv
 
 predict: $(STAMP) ## class-id PNGs (+ metrics.json with truth) for a run's test split, any layout (RUN= DATA= TTA=)
-	$(PY) -m pipeline.predict $(if $(RUN),--run $(RUN)) $(if $(filter-out data/demo,$(DATA)),--data $(DATA)) \
+	$(PY) -m pipeline.predict $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
 	  $(if $(TTA),--tta $(TTA)) --figure 8
 
 score: $(STAMP) ## metrics of the newest submission (SUBMISSION=) or of PNGs (PRED=dir DATA= LAYOUT=voc|cityscapes)
 	$(if $(PRED),$(PY) -m pipeline.score --pred-dir $(PRED) --data $(DATA) --layout $(LAYOUT) \
-	  $(if $(COLORMAP),--colormap $(COLORMAP)),$(PY) -m pipeline.score \
-	  $(or $(SUBMISSION),$(shell ls -t submissions/*.csv 2>/dev/null | head -1)) --truth $(DATA)/test_a_mask.csv)
+	  $(if $(COLORMAP),--colormap $(COLORMAP)),$(PY) -m pipeline.score $(SUBMISSION) --truth $(DATA)/test_a_mask.csv)
 
 predict-scene: $(STAMP) ## sliding-window prediction of a large scene (SCENE=big.tif OUT=mask.tif RUN=runs/x)
 	$(PY) -m pipeline.infer scene --run $(RUN) --scene $(SCENE) --out $(OUT)
@@ -97,7 +102,7 @@ bench-models: $(STAMP) ## every architecture: parameters, GPU train/infer img/s 
 	$(PY) -m bench.models $(if $(shell $(PY) -c "import torch;print(torch.cuda.is_available() or '')"),,--tiny)
 
 bench-accuracy: $(STAMP) ## GPU: default recipe on ../shared/data/buildings-real -> bench/results/accuracy.json
-	$(PY) -m bench.accuracy --data $(or $(filter-out data/demo,$(DATA)),../shared/data/buildings-real)
+	$(PY) -m bench.accuracy --data $(if $(DATA_ARG),$(DATA),../shared/data/buildings-real)
 
 clean: ## remove runs, caches and generated demo data (keeps .venv)
 	rm -rf runs data/demo .cache .pytest_cache

@@ -23,7 +23,8 @@ from pathlib import Path
 from bench.common import RESULTS, device_info, real_data_dir, tiny_data, write_result
 from pipeline import train
 from pipeline.config import load_config, run_name
-from pipeline.infer import load_manifest, pick_device
+from pipeline.device import pick_device
+from pipeline.runs import load_manifest
 from pipeline.submit import make_submission
 
 VARIANTS = [("fold0", "none"), ("fold0", "d4"), ("all", "none"), ("all", "d4")]
@@ -38,16 +39,17 @@ def evaluate_recipe(cfg, out_dir: Path, device: str = "auto") -> dict:
     t1 = time.time()
     for folds, tta in VARIANTS:
         ckpts = manifest.checkpoints[:1] if folds == "fold0" else manifest.checkpoints
-        m = dataclasses.replace(manifest, checkpoints=ckpts, tta=tta)
-        res = make_submission(m, cfg.data, out_dir, tta, device, num_workers=cfg.data.num_workers)
+        infer = dataclasses.replace(manifest.infer, tta=tta)
+        m = dataclasses.replace(manifest, checkpoints=ckpts, infer=infer)
+        res = make_submission(m, cfg.data, out_dir, tta, device, num_workers=max(0, cfg.data.num_workers))
         rows[f"{folds}/{tta}"] = round(res.score["dice"], 4) if res.score else None
     submit_min = (time.time() - t1) / 60
     return {
         "recipe": run_name(cfg),
         "oof_dice": round(manifest.extra["oof"]["oof_dice"], 4),
         "oof_dice@0.5": round(manifest.extra["oof"]["oof_dice@0.5"], 4),
-        "threshold": manifest.threshold,
-        "min_area": manifest.min_area,
+        "threshold": manifest.infer.threshold,
+        "min_area": manifest.infer.min_area,
         "test_a_dice": rows,
         "train_minutes": round(train_min, 2),
         "submit_minutes_4_variants": round(submit_min, 2),

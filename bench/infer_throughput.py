@@ -23,11 +23,14 @@ import torch
 from bench.common import device_info, real_data_dir, sync, tiny_data, write_result
 from pipeline.config import load_config, to_dict
 from pipeline.data import IMAGE, SegDataset, Split
-from pipeline.infer import load_ensemble, load_manifest, pick_device, predict_batch
+from pipeline.device import pick_device
+from pipeline.infer import load_ensemble, predict_batch
 from pipeline.io import save_checkpoint, save_yaml
 from pipeline.layouts import read_source
 from pipeline.models import build_model
+from pipeline.runs import load_manifest
 from pipeline.submit import predict_and_encode
+from pipeline.tta import TTA_SETS
 
 
 def make_run(cfg, run_dir: Path, folds: int, tta: str, batch_size: int) -> Path:
@@ -83,7 +86,7 @@ def measure(cfg, folds: int, tta: str, batch_size: int, workers: int, repeats: i
     sync(device)
     e2e = n / (time.perf_counter() - t0)
     assert len(rows) == n
-    views = {"none": 1, "flip": 3, "d4": 8}[tta]
+    views = len(TTA_SETS[tta])
     return {
         "model": f"{cfg.model.arch}/{cfg.model.encoder}",
         "folds": folds,
@@ -106,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", default="")
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--tta", default="d4")
+    p.add_argument("--tta", default="d4", choices=list(TTA_SETS))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="pass over the test tiles this many times")

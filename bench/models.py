@@ -5,7 +5,7 @@
     python -m bench.models --tag h100 --classes 21
 
 Per model: parameter count (``pipeline.models.count_parameters``), training img/s (one full
-``pipeline.train.TrainStep``: forward, CE+Dice loss, backward, AdamW step, on one batch resident on the
+``pipeline.engine.TrainStep``: forward, CE+Dice loss, backward, AdamW step, on one batch resident on the
 device) and inference img/s (``pipeline.infer.predict_batch``, no TTA). Random uint8 images and masks:
 this measures the model, not the data loader (``bench/train_throughput.py`` does that).
 Writes ``bench/results/models[-<tag>].json`` with the device named; a CPU run says so in ``note``.
@@ -21,9 +21,10 @@ import torch
 
 from bench.common import device_info, sync, time_resident_steps, write_result
 from pipeline.config import load_config
+from pipeline.device import Dist, pick_device
+from pipeline.engine import build_training
 from pipeline.infer import predict_batch
 from pipeline.models import count_parameters
-from pipeline.train import Dist, build_training, pick_device
 
 DLV3P = ["model.arch=DeepLabV3Plus", "model.encoder=resnet34"]
 # (label, overrides): the README's table, in this order.

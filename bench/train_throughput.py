@@ -22,9 +22,10 @@ import torch
 from bench.common import device_info, real_data_dir, sync, time_resident_steps, tiny_data, write_result
 from pipeline.config import load_config
 from pipeline.data import IMAGE, MASK, SegDataset, build_transforms
+from pipeline.device import Dist, pick_device
+from pipeline.engine import ResumableSampler, build_training, make_loader
 from pipeline.layouts import read_source
 from pipeline.models import count_parameters
-from pipeline.train import Dist, ResumableSampler, build_training, make_loader, pick_device
 
 
 def measure(cfg, steps: int, warmup: int) -> dict:

@@ -2,8 +2,9 @@
 
     python notebooks/build_notebooks.py            # rewrites notebooks/*.ipynb (no outputs)
 
-The notebooks only call ``pipeline`` functions (``pipeline.viz`` mostly); any logic worth keeping
-lives there, under test. Each notebook has a cell tagged ``parameters`` (papermill's convention):
+The notebooks only call ``pipeline`` functions (``pipeline.analysis`` for numbers, ``pipeline.runs``
+for run folders, ``pipeline.viz`` for figures); any logic worth keeping lives there, under test.
+Each notebook has a cell tagged ``parameters`` (papermill's convention):
 ``papermill notebooks/02_folds.ipynb out.ipynb -p RUN runs/<run>`` or the tests replace that cell.
 Cell ids are fixed so that regenerating an unchanged notebook gives a byte-identical file.
 ``tests/test_notebooks.py`` checks that the committed files equal what this script writes.
@@ -35,7 +36,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from pipeline import viz
+from pipeline import analysis, runs, viz
 from pipeline.config import DataConfig
 from pipeline.data import Split
 from pipeline.layouts import read_source
@@ -59,7 +60,7 @@ EXAMPLES = 6"""),
 cfg = DataConfig(root=DATA)
 source = read_source(cfg)
 train = source.train
-overview = viz.data_overview(source)
+overview = analysis.data_overview(source)
 overview"""),
     ("md", """\
 ## Building fraction per tile
@@ -67,7 +68,7 @@ overview"""),
 Folds are stratified on this fraction; a long tail of dense tiles or many empty tiles changes which
 threshold and minimum area work best."""),
     ("code", """\
-fractions = viz.tile_fractions(train)
+fractions = analysis.tile_fractions(train)
 viz.fraction_histogram(fractions.to_numpy())"""),
     ("md", """\
 ## Empty tiles
@@ -84,10 +85,10 @@ if len(empty):
 The model normalises with `data.mean` / `data.std` (ImageNet values by default, which pretrained
 encoders expect). Compare them with this data's statistics."""),
     ("code", """\
-viz.channel_stats(train.image_paths).assign(config_mean=cfg.mean, config_std=cfg.std)"""),
+analysis.channel_stats(train.image_paths).assign(config_mean=cfg.mean, config_std=cfg.std)"""),
     ("md", "## Examples: image | overlay | mask\n\nTiles at evenly spaced ranks of building fraction."),
     ("code", """\
-viz.split_grid(train, viz.spread_sample(fractions.to_numpy(), EXAMPLES), colors=source.colors)"""),
+viz.split_grid(train, analysis.spread_sample(fractions.to_numpy(), EXAMPLES), colors=source.colors)"""),
     ("md", """\
 ## RLE round trip
 
@@ -98,7 +99,7 @@ shape = (int(overview.loc["train", "height"]), int(overview.loc["train", "width"
 for csv in (cfg.mask_csv, cfg.test_mask_csv):
     path = Path(DATA) / csv
     if path.is_file():
-        bad = viz.rle_roundtrip_mismatches(path, shape)
+        bad = analysis.rle_roundtrip_mismatches(path, shape)
         assert not bad, f"{len(bad)} rows of {path} do not round-trip, e.g. {bad[:5]}"
         print(f"{path}: every row round-trips")"""),
 ]
@@ -117,14 +118,14 @@ WORST = 8
 AGREEMENT_TILES = 16"""),
     ("code", SETUP),
     ("code", """\
-run = viz.load_run(RUN)
-data_cfg = viz.run_data_config(run, DATA)
+run = runs.load_run(RUN)
+data_cfg = runs.run_data_config(run.path, DATA)
 train = read_source(data_cfg, with_test=False).train
 print(f"run {run.name}: folds {sorted(run.metrics)}, {len(run.oof_names)} OOF tiles, "
       f"threshold {run.threshold}, min_area {run.min_area}")"""),
     ("md", "## Folds: size and building fraction"),
     ("code", """\
-summary = viz.fold_summary(run.folds, viz.tile_fractions(train))
+summary = analysis.fold_summary(run.folds, analysis.tile_fractions(train))
 display(summary)
 viz.fold_summary_plot(summary)"""),
     ("md", "## Learning curves of every fold"),
@@ -136,8 +137,8 @@ Each tile is predicted by the one fold model that did not train on it. `dice` us
 threshold and minimum area, `dice@0.5` the defaults. The overall value must equal the one training
 recorded in the manifest: the same binarisation rule is used everywhere."""),
     ("code", """\
-oof = viz.evaluate_oof(run, train)
-by_fold = oof.by_fold().assign(**{"dice@0.5": viz.evaluate_oof(run, train, 0.5, 0).by_fold()["dice"]})
+oof = analysis.evaluate_oof(run, train)
+by_fold = oof.by_fold().assign(**{"dice@0.5": analysis.evaluate_oof(run, train, 0.5, 0).by_fold()["dice"]})
 display(by_fold)
 if run.oof_dice is not None:
     assert abs(oof.dice.mean() - run.oof_dice) < 1e-6, (oof.dice.mean(), run.oof_dice)"""),
@@ -161,8 +162,8 @@ quite different models. Needs the checkpoints; runs every fold model on `AGREEME
     ("code", """\
 test = read_source(data_cfg, with_train=False).test
 try:
-    agreement = viz.fold_test_agreement(run, test.image_paths[:AGREEMENT_TILES] if test else [])
-except viz.Unavailable as e:
+    agreement = analysis.fold_test_agreement(run, test.image_paths[:AGREEMENT_TILES] if test else [])
+except analysis.Unavailable as e:
     print(f"skipped: {e}")
 else:
     display(agreement)
@@ -183,14 +184,14 @@ EXAMPLES = 6
 WORST = 6"""),
     ("code", SETUP),
     ("code", """\
-path = viz.resolve_submission(SUBMISSION)
+path = runs.latest_submission(SUBMISSION)
 test = read_source(DataConfig(root=DATA), with_train=False).test
-masks = viz.load_submission(path, test)
+masks = analysis.load_submission(path, test)
 print(path)
-viz.mask_summary(masks)"""),
+analysis.mask_summary(masks)"""),
     ("code", """\
 predicted = Split(test.names, test.image_paths, masks)
-pred_fractions = viz.tile_fractions(predicted)
+pred_fractions = analysis.tile_fractions(predicted)
 display(viz.fraction_histogram(pred_fractions.to_numpy(), "predicted building fraction"))
 odd = pred_fractions[pred_fractions.isin([0.0, 1.0])].rename("fraction (0 = empty, 1 = full)")
 if len(odd):
@@ -198,11 +199,11 @@ if len(odd):
 else:
     print("no empty or full masks")"""),
     ("md", "## Masks over the test tiles\n\nTiles at evenly spaced ranks of predicted building fraction."),
-    ("code", "viz.split_grid(predicted, viz.spread_sample(pred_fractions.to_numpy(), EXAMPLES))"),
+    ("code", "viz.split_grid(predicted, analysis.spread_sample(pred_fractions.to_numpy(), EXAMPLES))"),
     ("md", "## Against the ground truth (when the data has it)\n\nGreen TP, red FP, blue FN."),
     ("code", """\
 if test.masks is not None:
-    scores = viz.score_tiles(test, masks)
+    scores = analysis.score_tiles(test, masks)
     print(f"test mean Dice {scores.dice.mean():.4f} over {len(scores.dice)} tiles")
     display(viz.dice_histogram(scores.dice, "test per-tile Dice"))
     display(viz.worst_tiles_gallery(scores, WORST))

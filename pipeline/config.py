@@ -49,7 +49,7 @@ class DataConfig:
     n_folds: int = 5
     image_size: int = 0  # expected tile size (check_data); 0 = every tile the size of the first one
     crop_size: int = 0  # > 0: pad + random crop (train) / centre crop (val) to this size, for VOC-like sets
-    num_workers: int = 2
+    num_workers: int = -1  # DataLoader workers; -1 = the cores available, at most 8
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -84,7 +84,7 @@ class OptimConfig:
 
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 2.0
     min_lr_ratio: float = 0.01
     grad_clip: float = 0.0  # 0 = off
 
@@ -109,7 +109,7 @@ class AugConfig:
 class TrainConfig:
     """The training loop."""
 
-    epochs: int = 40
+    epochs: int = 100
     batch_size: int = 16
     seed: int = 42
     deterministic: bool = False
@@ -127,8 +127,8 @@ class TrainConfig:
 class InferConfig:
     """Defaults for OOF post-processing search and submission."""
 
-    tta: str = "d4"  # none | flip | d4
-    batch_size: int = 16
+    tta: str = "d4"  # a key of pipeline.tta.TTA_SETS
+    batch_size: int = 32
     threshold: float = 0.5  # replaced by the OOF-tuned value in the manifest
     min_area: int = 0  # replaced by the OOF-tuned value in the manifest
     thresholds: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
@@ -319,8 +319,7 @@ def validate(cfg: Config) -> None:
         problems.append("data.n_folds must be >= 2")
     if cfg.train.amp not in ("bf16", "fp16", "none"):
         problems.append(f"train.amp must be bf16, fp16 or none, not {cfg.train.amp!r}")
-    if cfg.infer.tta not in ("none", "flip", "d4"):
-        problems.append(f"infer.tta must be none, flip or d4, not {cfg.infer.tta!r}")
+    problems += infer_problems(cfg.infer, "infer.")
     if cfg.model.output_stride not in (8, 16):
         problems.append("model.output_stride must be 8 or 16")
     if cfg.loss.ce_weight < 0 or cfg.loss.dice_weight < 0 or cfg.loss.ce_weight + cfg.loss.dice_weight == 0:
@@ -329,6 +328,35 @@ def validate(cfg: Config) -> None:
         problems.append("train.epochs and train.batch_size must be >= 1")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def infer_problems(infer: InferConfig, prefix: str = "infer.") -> list[str]:
+    """Range checks of the inference settings, shared by the config and the hand-editable manifest
+    (``prefix`` names the keys as the user wrote them). A threshold of 2 or a negative area would give
+    an all-empty or all-building submission that still validates: refuse them here."""
+    # Imported here, not at the top: the TTA registry needs torch, this module does not.
+    from pipeline.tta import TTA_SETS
+
+    problems = []
+    if infer.tta not in TTA_SETS:
+        *rest, last = TTA_SETS
+        problems.append(f"{prefix}tta must be one of {', '.join(rest)} or {last}, not {infer.tta!r}")
+    if not 0.0 < infer.threshold < 1.0:  # also refuses NaN
+        problems.append(f"{prefix}threshold must be between 0 and 1 (exclusive), not {infer.threshold}")
+    if infer.min_area < 0:
+        problems.append(f"{prefix}min_area must be >= 0 pixels, not {infer.min_area}")
+    if not infer.thresholds or not all(0.0 < t < 1.0 for t in infer.thresholds):
+        problems.append(f"{prefix}thresholds must be a non-empty list of values between 0 and 1")
+    if not infer.min_areas or min(infer.min_areas) < 0:
+        problems.append(f"{prefix}min_areas must be a non-empty list of areas >= 0")
+    if infer.batch_size < 1:
+        problems.append(f"{prefix}batch_size must be >= 1, not {infer.batch_size}")
+    if infer.tile_size < 32 or not 0 <= infer.overlap < infer.tile_size:
+        problems.append(
+            f"{prefix}tile_size must be >= 32 and 0 <= overlap < tile_size "
+            f"(now {infer.tile_size} and {infer.overlap})"
+        )
+    return problems
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -35,11 +35,14 @@ from PIL import Image
 
 from pipeline import rle
 from pipeline.config import AugConfig
+from pipeline.maskcsv import IMAGE_SUFFIXES, scan_csv
 
 # Batch keys: one spelling everywhere.
 IMAGE, MASK, NAME, INDEX = "image", "mask", "name", "index"
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+# Modes of more than 8 bits per pixel: read_image scales them to 8 bits (divided by 257 when any
+# value is above 255), every other mode is converted by PIL (check_data warns about both).
+HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 class DataError(ValueError):
@@ -52,41 +55,23 @@ class DataError(ValueError):
 def read_mask_csv(path: str | Path, require_rle: bool = True) -> pd.DataFrame:
     """Read a competition CSV (``name<TAB>rle``, no header) into a frame with str columns name, rle.
 
-    A BOM and CRLF line ends are tolerated (``check_data`` warns about them); a comma-separated
-    file, a header row, duplicate names or a missing TAB are errors naming the row.
-    ``require_rle=False`` reads a sample submission whose rle column may be absent.
+    The file is read by :func:`pipeline.maskcsv.scan_csv`: its errors (a comma-separated file, a
+    header row, duplicate or empty names, a missing TAB, extra columns, ...) raise one DataError
+    naming every row; its warnings (BOM, CRLF, blank lines, a trailing TAB) are tolerated, as
+    ``check_data`` reports them. ``require_rle=False`` reads a sample submission (bare names allowed).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: expected a TAB-separated name<TAB>rle file (no header)")
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    names, rles, problems = [], [], []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if "\t" not in line:
-            if "," in line:
-                problems.append(f"{path}, row {i}: no TAB but a comma; the file must be TAB-separated")
-            elif require_rle:
-                problems.append(f"{path}, row {i}: no TAB; expected name<TAB>rle")
-            names.append(line.strip())
-            rles.append("")
-            continue
-        name, value = line.split("\t", 1)
-        names.append(name.strip())
-        rles.append(value.strip())
-    if names and Path(names[0]).suffix.lower() not in IMAGE_SUFFIXES and not rles[0][:1].isdigit():
-        problems.insert(0, f"{path}, row 1: '{names[0]}' looks like a header row; delete it (no header)")
-    seen: dict[str, int] = {}
-    for i, n in enumerate(names, start=1):
-        if n in seen:
-            problems.append(f"{path}, row {i}: duplicate name {n} (first at row {seen[n]}); keep one")
-        seen.setdefault(n, i)
-    if problems:
-        raise DataError(
-            "\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else "")
-        )
-    return pd.DataFrame({"name": pd.Series(names, dtype=object), "rle": pd.Series(rles, dtype=object)})
+    scan = scan_csv(path, with_rle=require_rle)
+    if scan.errors:
+        raise DataError(scan.error_text())
+    return pd.DataFrame(
+        {
+            "name": pd.Series([r.name for r in scan.rows], dtype=object),
+            "rle": pd.Series([r.rle for r in scan.rows], dtype=object),
+        }
+    )
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -102,7 +87,7 @@ def read_image(path: str | Path) -> np.ndarray:
             mode = im.mode
             if mode == "RGB":
                 return np.asarray(im)
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
+            if mode in HIGH_BIT_MODES:
                 arr = np.asarray(im).astype(np.float32)
                 hi = max(float(arr.max()), 1.0)
                 arr8 = (arr * (255.0 / (65535.0 if hi > 255 else 255.0))).clip(0, 255).astype(np.uint8)
@@ -234,11 +219,25 @@ class Split:
             )
         return self.subset([index[n] for n in names])
 
-    def building_fraction(self) -> np.ndarray:
-        """Fraction of foreground pixels per tile, float [N] (for folds and notebooks)."""
+    def foreground_fraction(self, ignore_index: int | None = None) -> np.ndarray:
+        """Fraction of the labelled pixels that are not background (class 0) per tile, float [N].
+
+        Binary masks (0/1) give the building fraction, which folds are stratified by. Pixels equal
+        to ``ignore_index`` count in neither numerator nor denominator; a tile without a labelled
+        pixel gives 0. Masks are read one at a time (a memmap of 30k tiles is never stacked).
+        """
         if self.masks is None:
             raise DataError("this split has no masks")
-        return np.array([float((self.masks[i] == 1).mean()) for i in range(len(self))])
+        out = np.zeros(len(self))
+        for i in range(len(self)):
+            m = np.asarray(self.masks[i])
+            labelled, foreground = m.size, np.count_nonzero(m)
+            if ignore_index is not None:
+                ignored = np.count_nonzero(m == ignore_index)
+                labelled -= ignored
+                foreground -= ignored if ignore_index != 0 else 0
+            out[i] = foreground / labelled if labelled else 0.0
+        return out
 
 
 def _on_disk(a: np.ndarray) -> bool:

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import rle
+from pipeline.maskcsv import format_csv, scan_csv
 
 STAMP = ".demo_stamp"
 GENERATOR_VERSION = 1  # bump when the drawing changes, so stamped folders are regenerated
@@ -370,9 +371,9 @@ def _write_folder(tmp: Path, n_train: int, n_test: int, size: int, seed: int) ->
                 (split_dir[scene.split] / name).write_bytes(_jpeg(image[window]))
                 rows[scene.split].append((name, rle.encode(mask[window]), scene.group))
     train, test = sorted(rows["train"]), sorted(rows["test"])
-    (tmp / "train_mask.csv").write_text("".join(f"{n}\t{s}\n" for n, s, _ in train))
-    (tmp / "test_a_mask.csv").write_text("".join(f"{n}\t{s}\n" for n, s, _ in test))
-    (tmp / "test_a_samplesubmit.csv").write_text("".join(f"{n}\t\n" for n, _, _ in test))
+    (tmp / "train_mask.csv").write_text(format_csv((n, s) for n, s, _ in train))
+    (tmp / "test_a_mask.csv").write_text(format_csv((n, s) for n, s, _ in test))
+    (tmp / "test_a_samplesubmit.csv").write_text(format_csv((n, "") for n, _, _ in test))
     manifest = sorted([(n, "train", g) for n, _, g in train] + [(n, "test_a", g) for n, _, g in test])
     (tmp / "manifest.csv").write_text(
         "name,split,group\n" + "".join(f"{n},{s},{g}\n" for n, s, g in manifest)
@@ -427,7 +428,10 @@ def _umask() -> int:
 def summary(out_dir: str | Path, size: int) -> str:
     """One line about a generated folder: tiles, scenes, building fraction and empty masks of train."""
     out = Path(out_dir)
-    rles = [line.partition("\t")[2] for line in (out / "train_mask.csv").read_text().splitlines()]
+    scan = scan_csv(out / "train_mask.csv")
+    if scan.errors:
+        raise ValueError(scan.error_text())
+    rles = [r.rle for r in scan.rows]
     masks = rle.decode_many(rles, (size, size), source=str(out / "train_mask.csv"))
     fractions = masks.reshape(len(masks), -1).mean(axis=1)
     manifest = (out / "manifest.csv").read_text().splitlines()[1:]

@@ -19,16 +19,20 @@ are comparable.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline import rle
-from pipeline.data import DataError, image_size
+from pipeline.config import DataConfig
+from pipeline.data import DataError
 from pipeline.io import atomic_write_text
+from pipeline.layouts import read_source
 
 MAX_BINS = 10  # quantile bins of the non-empty tiles (deciles), fewer when there are few tiles
 
@@ -234,39 +238,6 @@ def read_groups(path: str | Path, names: Sequence[str]) -> list[str]:
     return [group_of[n] for n in names]
 
 
-def mask_fractions(
-    rles: Sequence[str], shape: tuple[int, int], source: str, names: Sequence[str], chunk: int = 256
-) -> np.ndarray:
-    """Building fraction per tile, float [N], decoding ``chunk`` masks at a time (bounded memory).
-
-    Every malformed row of every chunk is reported in one RLEError.
-    """
-    n = len(rles)
-    fractions = np.empty(n)
-    # Column-major masks ([k, W, H] underneath): the order decode_many paints in, so no transposing copy.
-    buf = np.empty((min(chunk, max(n, 1)), shape[1], shape[0]), dtype=np.uint8).transpose(0, 2, 1)
-    problems = []
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        try:
-            rle.decode_many(
-                rles[lo:hi], shape, out=buf[: hi - lo], source=source, names=names[lo:hi], first_row=lo + 1
-            )
-        except rle.RLEError as e:
-            problems.extend(str(e).splitlines()[1:])
-            continue
-        fractions[lo:hi] = np.count_nonzero(buf[: hi - lo].reshape(hi - lo, -1), axis=1) / (
-            shape[0] * shape[1]
-        )
-    if problems:
-        raise rle.RLEError(
-            f"{len(problems)} malformed RLE value(s):\n"
-            + "\n".join(problems)
-            + "\nfix them (python -m pipeline.check_data lists every problem) and re-run make folds"
-        )
-    return fractions
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.folds", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="data folder with train_mask.csv and train/")
@@ -280,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = write_folds(a.data, a.n_folds, a.seed, a.group_csv, a.no_groups, a.out)
     except (FoldsError, DataError, rle.RLEError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = f"\nfix the data (python -m pipeline.check_data {a.data} lists every problem) and re-run"
+        print(f"error: {e}{hint if not isinstance(e, FoldsError) else ''}", file=sys.stderr)
         return 2
     print(summary)
     return 0
@@ -294,15 +266,14 @@ def write_folds(
     no_groups: bool = False,
     out: Path | None = None,
 ) -> str:
-    """The CLI's work: read ``data``, make folds, write them atomically; returns a printable summary."""
-    csv = data / "train_mask.csv"
-    if not csv.is_file():
-        raise FoldsError(f"{csv} not found: point --data at a folder in the competition layout")
-    df = pd.read_csv(csv, sep="\t", header=None, names=["name", "rle"], keep_default_na=False, dtype=str)
-    if df.empty:
-        raise FoldsError(f"{csv} lists no tiles")
-    names = df["name"].tolist()
-    fractions = mask_fractions(df["rle"].tolist(), image_size(data / "train" / names[0]), str(csv), names)
+    """The CLI's work: read ``data``, make folds, write them atomically; returns a printable summary.
+
+    ``data`` is read as training reads it (:func:`pipeline.layouts.read_source`, competition layout),
+    so a folder that trains makes folds, and one that does not fails here with the same message.
+    """
+    train = read_source(DataConfig(root=str(data)), with_test=False).train
+    names = train.names
+    fractions = train.foreground_fraction()
     if group_csv is None and not no_groups:
         manifest = data / "manifest.csv"
         if manifest.is_file() and "group" in pd.read_csv(manifest, nrows=0).columns:
@@ -326,6 +297,59 @@ def write_folds(
             f"  fold {k}: {len(part):5d} tiles, mean fraction {f.mean():.4f}, {empty} empty{n_groups}"
         )
     return "\n".join(lines)
+
+
+
+# ------------------------------------------------------------------------------------------ a run's folds
+
+
+def folds_hash(df: pd.DataFrame) -> str:
+    """A fingerprint of a fold split (order-free): a run's ``last.pt`` records it, and a resume on other
+    folds is refused."""
+    lines = sorted(f"{n},{int(k)}" for n, k in zip(df["name"], df["fold"]))
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def resolve_folds(cfg: Any, source: Any, run_dir: Path, announce: bool = True) -> pd.DataFrame:
+    """The fold split a run trains on, one row per training tile of ``source`` (columns name, fold).
+
+    Once a run has folds (``runs/<run>/folds.csv``), they are the run's: a ``make folds`` or a new
+    ``DATA/folds.csv`` made later never changes the validation tiles of a run being resumed. A run
+    without folds takes ``data.folds_csv``, else ``DATA/folds.csv``, else makes them from the seed,
+    stratified by the foreground fraction and grouped by ``data.group_csv`` (default
+    ``DATA/manifest.csv`` when present).
+    """
+    root = Path(cfg.data.root)
+    own = run_dir / "folds.csv"
+    if own.is_file():
+        df = load_folds(own, source.train.names)
+        other = Path(cfg.data.folds_csv) if cfg.data.folds_csv else root / "folds.csv"
+        changed = other.is_file() and folds_hash(load_folds(other, source.train.names)) != folds_hash(df)
+        if announce and changed:
+            print(
+                f"note: {other} differs from this run's {own}; the run keeps its own folds "
+                "(to train on the new ones, start a new run with name=...)"
+            )
+        return df
+    explicit = Path(cfg.data.folds_csv) if cfg.data.folds_csv else None
+    if explicit is not None and not explicit.is_file():
+        raise FoldsError(f"data.folds_csv={cfg.data.folds_csv} not found; make it with `make folds`")
+    path = explicit or root / "folds.csv"
+    if path.is_file():
+        df = load_folds(path, source.train.names)
+    else:
+        # An explicit data.group_csv must exist; the default <root>/manifest.csv is used only when present
+        # (VOC and Cityscapes folders have none).
+        group_csv = Path(cfg.data.group_csv) if cfg.data.group_csv else root / "manifest.csv"
+        use_groups = bool(cfg.data.group_csv) or group_csv.is_file()
+        groups = read_groups(group_csv, source.train.names) if use_groups else None
+        # Stratify by the labelled non-background fraction (for binary runs: the building fraction).
+        fractions = source.train.foreground_fraction(cfg.loss.ignore_index)
+        df = make_folds(source.train.names, fractions, cfg.data.n_folds, cfg.train.seed, groups)
+    n = int(df["fold"].max()) + 1
+    if n != cfg.data.n_folds and announce:
+        print(f"note: {path} has {n} folds; data.n_folds={cfg.data.n_folds} is ignored")
+    return df
 
 
 if __name__ == "__main__":

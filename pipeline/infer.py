@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,71 +20,10 @@ import torch
 from pipeline import tta as tta_mod
 from pipeline.config import Config, ConfigError, config_from_dict
 from pipeline.data import IMAGE, NAME, DataError, SegDataset, Split
-from pipeline.io import CheckpointError, load_checkpoint, load_yaml
+from pipeline.device import DeviceError, autocast_ctx, pick_device
+from pipeline.io import CheckpointError, load_checkpoint
 from pipeline.models import build_model
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What an ensemble is made of. Paths in ``checkpoints`` are relative to ``run_dir``."""
-
-    run_dir: Path
-    checkpoints: tuple[str, ...]
-    tta: str = "d4"
-    threshold: float = 0.5
-    min_area: int = 0
-    batch_size: int = 16
-    tile_size: int = 512
-    overlap: int = 128
-    classes: int = 1
-    data_root: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.run_dir.name
-
-
-def load_manifest(path: str | Path) -> Manifest:
-    """Read ``manifest.yaml`` (or a run folder containing one) with clear errors for hand edits."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; train first (make train) or pass RUN=runs/<run>")
-    data = load_yaml(path) or {}
-    known = {
-        "checkpoints",
-        "tta",
-        "threshold",
-        "min_area",
-        "batch_size",
-        "tile_size",
-        "overlap",
-        "classes",
-        "data_root",
-    }
-    ckpts = data.get("checkpoints") or []
-    if not ckpts:
-        raise ConfigError(f"{path}: 'checkpoints' is empty; list at least one fold*/best.pt")
-    if data.get("tta", "d4") not in tta_mod.TTA_SETS:
-        raise ConfigError(f"{path}: tta must be one of {sorted(tta_mod.TTA_SETS)}, not {data.get('tta')!r}")
-    try:
-        return Manifest(
-            run_dir=path.parent,
-            checkpoints=tuple(str(c) for c in ckpts),
-            tta=str(data.get("tta", "d4")),
-            threshold=float(data.get("threshold", 0.5)),
-            min_area=int(data.get("min_area", 0)),
-            batch_size=int(data.get("batch_size", 16)),
-            tile_size=int(data.get("tile_size", 512)),
-            overlap=int(data.get("overlap", 128)),
-            classes=int(data.get("classes", 1)),
-            data_root=str(data.get("data_root", "")),
-            extra={k: v for k, v in data.items() if k not in known},
-        )
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: {e}; fix the value by hand or re-run make train") from None
+from pipeline.runs import Manifest, load_manifest
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
@@ -120,12 +57,6 @@ def load_ensemble(manifest: Manifest, device: torch.device) -> tuple[list[torch.
     return models, cfgs[0]
 
 
-def pick_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 @torch.no_grad()
 def predict_batch(
     models: Sequence[torch.nn.Module], x: torch.Tensor, tta: str, classes: int = 1
@@ -138,10 +69,9 @@ def predict_batch(
         float32 [B, K, H, W] probabilities (K = 1 for binary, sigmoid; else softmax).
     """
     activation = "sigmoid" if classes == 1 else "softmax"
-    amp = x.device.type == "cuda"
     total = None
     for m in models:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with autocast_ctx(x.device):
             p = tta_mod.predict_tta(m, x, tta, activation).float()
         total = p if total is None else total.add_(p)
     return total / len(models)
@@ -194,7 +124,9 @@ def predict_folds(
         model, cfg, state = load_model(manifest.run_dir / c, dev)
         probs = [
             p
-            for _, p in iter_predictions([model], split, tta, dev, manifest.batch_size, 0, cfg.model.classes)
+            for _, p in iter_predictions(
+                [model], split, tta, dev, manifest.infer.batch_size, 0, cfg.model.classes
+            )
         ]
         out[int(state.get("fold", len(out)))] = np.concatenate(probs)
     return out
@@ -210,26 +142,52 @@ def predict_scene_file(
     tta: str | None = None,
     device: str = "auto",
 ) -> Path:
-    """Sliding-window ensemble prediction over a large GeoTIFF/JPEG; writes a uint8 mask GeoTIFF."""
-    from pipeline import tiling
+    """Sliding-window ensemble prediction over a large GeoTIFF/JPEG into a uint8 raster at ``out``.
+
+    Binary runs: a 0/1 mask (the manifest's threshold). Multi-class runs: class ids, the argmax of the
+    blended per-class probabilities, with the run's class colours as the colour table when its data
+    folder (layout, colormap) can be read; otherwise a warning, and the ids without colours.
+    """
+    import dataclasses
+    import warnings
+
+    from pipeline import scene as scene_mod
+    from pipeline.layouts import read_source
 
     manifest = load_manifest(manifest_path)
+    tta_name = tta or manifest.infer.tta
+    if tta_name not in tta_mod.TTA_SETS:
+        raise ConfigError(f"unknown TTA set {tta_name!r}; use one of {', '.join(tta_mod.TTA_SETS)}")
     dev = pick_device(device)
     models, cfg = load_ensemble(manifest, dev)
-    tta_name = tta or manifest.tta
+    classes = cfg.model.classes
+    colors = None
+    if classes > 1:
+        data = dataclasses.replace(cfg.data, root=manifest.data_root or cfg.data.root)
+        try:
+            source = read_source(data, with_train=False, with_test=False)
+            if source.num_classes != classes:
+                raise DataError(f"it has {source.num_classes} classes, the run predicts {classes}")
+            colors = source.colors
+        except DataError as e:
+            warnings.warn(f"{out}: no colour table from {data.layout} data at {data.root}: {e}", stacklevel=2)
 
     def predict_fn(tiles: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))).to(dev)
-        return predict_batch(models, x, tta_name, cfg.model.classes)[:, 0].cpu().numpy()
+        probs = predict_batch(models, x, tta_name, classes)
+        # Binary: the one channel [B, H, W]; multi-class: classes last [B, H, W, K], like the tiles.
+        return (probs[:, 0] if classes == 1 else probs.permute(0, 2, 3, 1)).cpu().numpy()
 
-    tiling.predict_scene(
+    scene_mod.predict_scene(
         scene,
         out,
         predict_fn,
-        tile=manifest.tile_size,
-        overlap=manifest.overlap,
-        batch_size=manifest.batch_size,
-        threshold=manifest.threshold,
+        tile=manifest.infer.tile_size,
+        overlap=manifest.infer.overlap,
+        batch_size=manifest.infer.batch_size,
+        threshold=manifest.infer.threshold,
+        classes=classes,
+        colors=colors,
     )
     return Path(out)
 
@@ -246,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         out = predict_scene_file(a.run, a.scene, a.out, a.tta, a.device)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, DeviceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

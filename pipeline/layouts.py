@@ -1,6 +1,8 @@
 """Data set layouts, by name: each reader turns a folder into labelled train and (optional) test splits.
 
-``LAYOUTS[cfg.data.layout](cfg.data) -> Source``. Three layouts:
+``read_source(cfg.data) -> Source`` reads with ``layout(cfg.data.layout).read``; a :class:`Layout` in
+the registry ``LAYOUTS`` also says what callers may assume (``checkable``, ``rle_masks``,
+``fixed_tile_size``), so no caller switches on a layout's name. Three layouts:
 
 ``competition`` (binary buildings; see :mod:`pipeline.data`)::
 
@@ -44,12 +46,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import IMAGE_SUFFIXES, DataError, Split, load_labelled, load_unlabelled
+from pipeline.data import IMAGE_SUFFIXES, DataError, Split, image_size, load_labelled, load_unlabelled
 
 Color = tuple[int, int, int]
 
@@ -396,34 +399,62 @@ def read_cityscapes(cfg: DataConfig, with_train: bool = True, with_test: bool = 
     return Source(train, test, cmap.names, cmap.colors, cmap.ignore_index)
 
 
-LAYOUTS: dict[str, Callable[..., Source]] = {
-    "competition": read_competition,
-    "voc": read_voc,
-    "cityscapes": read_cityscapes,
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layout: its reader and what the rest of the pipeline may assume about it.
+
+    Callers ask for a capability (``layout(cfg.data.layout).checkable``), never for a layout's name.
+    """
+
+    read: Callable[..., Source]  # (cfg: DataConfig, with_train=True, with_test=True) -> Source
+    rle_masks: bool = False  # masks are competition CSVs (name<TAB>rle) and so are submissions
+    fixed_tile_size: bool = False  # every tile has one size (check_data checks it): no crop_size needed
+    checkable: bool = False  # python -m pipeline.check_data (and require_clean) can check the folder
+
+
+LAYOUTS: dict[str, Layout] = {
+    "competition": Layout(read_competition, rle_masks=True, fixed_tile_size=True, checkable=True),
+    "voc": Layout(read_voc),
+    "cityscapes": Layout(read_cityscapes),
 }
+
+
+def layout(name: str) -> Layout:
+    """The registered layout ``name`` (``data.layout``); a DataError naming the choices if unknown."""
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise DataError(f"unknown data.layout '{name}'; choose one of {sorted(LAYOUTS)}") from None
 
 
 def read_source(cfg: DataConfig, with_train: bool = True, with_test: bool = True) -> Source:
     """Read ``cfg.root`` with the layout named by ``cfg.layout``."""
-    try:
-        reader = LAYOUTS[cfg.layout]
-    except KeyError:
-        raise DataError(f"unknown data.layout '{cfg.layout}'; choose one of {sorted(LAYOUTS)}") from None
-    return reader(cfg, with_train=with_train, with_test=with_test)
+    return layout(cfg.layout).read(cfg, with_train=with_train, with_test=with_test)
 
 
-def foreground_fraction(split: Split, ignore_index: int | None = None) -> np.ndarray:
-    """Fraction of labelled pixels that are not background (class 0), float [N]; for multi-class folds.
-
-    Binary masks give the building fraction (as ``Split.building_fraction``); ignored pixels count in
-    neither numerator nor denominator. A mask with no labelled pixel gives 0.
-    """
-    if split.masks is None:
-        raise DataError("this split has no masks")
-    out = np.zeros(len(split))
-    for i in range(len(split)):
-        m = np.asarray(split.masks[i])
-        valid = m != ignore_index if ignore_index is not None else np.ones(m.shape, bool)
-        n = int(valid.sum())
-        out[i] = float(((m != 0) & valid).sum()) / n if n else 0.0
-    return out
+def check_source(cfg: Any, source: Source) -> None:
+    """The data must fit the run's config (a :class:`pipeline.config.Config`): class count, ignore value,
+    and one image size unless ``data.crop_size`` pads and crops them."""
+    k = max(2, cfg.model.classes)
+    if source.num_classes != k:
+        raise DataError(
+            f"data.layout={cfg.data.layout} at {cfg.data.root} has {source.num_classes} classes "
+            f"({', '.join(source.class_names[:4])}, ...) but model.classes={cfg.model.classes}; set "
+            f"model.classes={source.num_classes if source.num_classes > 2 else 1}"
+        )
+    ignore = source.ignore_index
+    if cfg.model.classes > 1 and ignore is not None and cfg.loss.ignore_index != ignore:
+        raise DataError(
+            f"the {cfg.data.layout} masks use {source.ignore_index} for unlabelled pixels; set "
+            f"loss.ignore_index={source.ignore_index} (now {cfg.loss.ignore_index})"
+        )
+    if not layout(cfg.data.layout).fixed_tile_size and not cfg.data.crop_size:
+        sizes = {image_size(p) for p in source.train.image_paths}
+        if len(sizes) > 1:
+            raise DataError(
+                f"the training images have {len(sizes)} different sizes (e.g. {sorted(sizes)[:3]}); set "
+                "data.crop_size (e.g. 320) so batches pad and crop them to one size"
+            )

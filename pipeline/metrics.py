@@ -12,12 +12,22 @@ A class absent from the truth but predicted somewhere has IoU = Dice = 0 (false 
 Per-class accuracy (recall) is NaN for a class absent from the truth. A matrix with no pixel at all
 gives NaN everywhere.
 
-Competition Dice. Mean over images of ``2|P∩T| / (|P|+|T|)``, where an image whose prediction and
-truth are both empty scores 1 (and an empty prediction on a non-empty truth scores 0).
+Dice. One rule, :func:`dice_from_counts`: ``2|P∩T| / (|P|+|T|)`` from pixel counts, with a chosen value
+where both masks are empty. Per class (:func:`dice_per_class`) that value is NaN (absent class, see
+above); per image (:func:`dice_per_image`, and the OOF threshold search in
+:mod:`pipeline.postprocess`, which works on counts) it is 1. :func:`dice_per_image_torch` is the same
+rule on the device, for validation without host syncs. The competition score is the mean over images
+of the per-image Dice (:func:`mean_dice`): an image whose prediction and truth are both empty scores 1,
+an empty prediction on a non-empty truth scores 0.
+
+Reports. :func:`metrics_report` turns one confusion matrix into a JSON-ready dict (NaN -> None) and
+:func:`format_report` into a plain-text table; ``pipeline.predict`` and ``pipeline.score`` print and
+write them.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -29,10 +39,11 @@ __all__ = [
     "all_metrics",
     "confusion_matrix",
     "confusion_matrix_torch",
-    "dice_binary",
+    "dice_from_counts",
     "dice_per_class",
     "dice_per_image",
     "dice_per_image_torch",
+    "format_report",
     "fw_iou",
     "iou_per_class",
     "iou_per_image",
@@ -40,6 +51,7 @@ __all__ = [
     "mean_dice",
     "mean_iou",
     "mean_pixel_accuracy",
+    "metrics_report",
     "pixel_accuracy",
 ]
 
@@ -185,10 +197,26 @@ def fw_iou(cm: Any) -> float:
     return float(np.sum(freq[present] * iou[present]))
 
 
+def dice_from_counts(inter: Any, total: Any, empty: float = 1.0) -> np.ndarray:
+    """The one Dice rule, elementwise from pixel counts: ``2 |P & T| / (|P| + |T|)``, float64.
+
+    Args:
+        inter: ``|P & T|`` counts (any shape; ints or floats).
+        total: ``|P| + |T|``, broadcastable with ``inter``.
+        empty: the value where ``total == 0`` (prediction and truth both empty): 1.0, the
+            competition's per-image convention; NaN for a class absent everywhere.
+    """
+    inter = np.asarray(inter, dtype=np.float64)
+    total = np.asarray(total, dtype=np.float64)
+    out = np.full(np.broadcast(inter, total).shape, empty, dtype=np.float64)
+    np.divide(2.0 * inter, total, out=out, where=total > 0)
+    return out
+
+
 def dice_per_class(cm: Any) -> np.ndarray:
     """Dice (F1) [C] float64: ``2 TP / (2 TP + FP + FN)``; NaN where a class is absent everywhere."""
     cm = _as_cm(cm)
-    return _div(2.0 * np.diag(cm), cm.sum(0) + cm.sum(1))
+    return dice_from_counts(np.diag(cm), cm.sum(0) + cm.sum(1), empty=float("nan"))
 
 
 def all_metrics(cm: Any, class_names: Sequence[str] | None = None) -> dict[str, float]:
@@ -216,6 +244,65 @@ def all_metrics(cm: Any, class_names: Sequence[str] | None = None) -> dict[str, 
     return out
 
 
+# ----------------------------------------------------------------------------- reports of a matrix
+
+
+def _finite(v: float) -> float | None:
+    """NaN (undefined, e.g. a class absent everywhere) -> None, so the JSON stays standard."""
+    return None if math.isnan(v) else float(v)
+
+
+def metrics_report(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Everything derived from one confusion matrix ``cm`` [K, K] (rows = truth), JSON-ready.
+
+    Returns ``{"pixel_accuracy", "mean_pixel_accuracy", "mean_iou", "fw_iou", "mean_dice",
+    "per_class": [{"name", "iou", "dice", "accuracy", "truth_pixels", "pred_pixels"}],
+    "confusion_matrix": [[...]]}``; undefined values (NaN) are ``None``.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    flat = all_metrics(cm, class_names)
+    truth, pred = cm.sum(1), cm.sum(0)
+    accuracy = _div(np.diag(cm), truth)  # per-class recall, as in mean_pixel_accuracy
+    per_class = []
+    for c, name in enumerate(class_names):
+        per_class.append({
+            "name": str(name),
+            "iou": _finite(flat[f"iou/{name}"]),
+            "dice": _finite(flat[f"dice/{name}"]),
+            "accuracy": _finite(float(accuracy[c])),
+            "truth_pixels": int(truth[c]),
+            "pred_pixels": int(pred[c]),
+        })
+    keys = ("pixel_accuracy", "mean_pixel_accuracy", "mean_iou", "fw_iou", "mean_dice")
+    return {
+        **{k: _finite(flat[k]) for k in keys},
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table of :func:`metrics_report` (None prints as ``-``)."""
+
+    def f(v: float | None) -> str:
+        return "     -" if v is None else f"{v:6.4f}"
+
+    lines = [
+        f"pixel accuracy {f(report['pixel_accuracy'])}   "
+        f"mean pixel accuracy {f(report['mean_pixel_accuracy'])}",
+        f"mean IoU       {f(report['mean_iou'])}   "
+        f"frequency-weighted IoU {f(report['fw_iou'])}   mean Dice {f(report['mean_dice'])}",
+    ]
+    width = max(8, *(len(c["name"]) for c in report["per_class"]))
+    lines.append(f"{'class':<{width}}     IoU    Dice     acc  truth px   pred px")
+    for c in report["per_class"]:
+        lines.append(
+            f"{c['name']:<{width}}  {f(c['iou'])}  {f(c['dice'])}  {f(c['accuracy'])} "
+            f"{c['truth_pixels']:>9} {c['pred_pixels']:>9}"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- competition Dice
 
 
@@ -236,11 +323,12 @@ def dice_per_image(pred: Any, truth: Any) -> np.ndarray:
     """Dice of each image [N] float64 for binary masks [N, H, W] (0/1 or bool).
 
     An image where prediction and truth are both empty scores 1.0 (the competition's convention).
+    For one mask [H, W] add the batch axis: ``dice_per_image(pred[None], truth[None])[0]``.
     """
     p, t = _flat_bool_pair_np(pred, truth, "dice_per_image")
     inter = np.count_nonzero(p & t, axis=1)
     card = np.count_nonzero(p, axis=1) + np.count_nonzero(t, axis=1)
-    return np.where(card == 0, 1.0, 2.0 * inter / np.maximum(card, 1))
+    return dice_from_counts(inter, card)
 
 
 def iou_per_image(pred: Any, truth: Any) -> np.ndarray:
@@ -257,19 +345,10 @@ def _flat_bool_pair_np(pred: Any, truth: Any, name: str) -> tuple[np.ndarray, np
     t = _as_bool(truth, "truth")
     if p.shape != t.shape or p.ndim < 3:
         raise ValueError(
-            f"{name} expects equal shapes [N, H, W], got {p.shape} and {t.shape}; for one image use "
-            "dice_binary or add a batch axis (mask[None])"
+            f"{name} expects equal shapes [N, H, W], got {p.shape} and {t.shape}; for one image add "
+            "a batch axis (mask[None])"
         )
     return p.reshape(p.shape[0], -1), t.reshape(t.shape[0], -1)
-
-
-def dice_binary(pred: Any, truth: Any) -> float:
-    """Competition Dice of one image: masks [H, W] 0/1; 1.0 when both are empty, 0.0 when only one is."""
-    p = _as_bool(pred, "pred")
-    t = _as_bool(truth, "truth")
-    if p.shape != t.shape:
-        raise ValueError(f"dice_binary: pred {p.shape} and truth {t.shape} must have the same shape")
-    return float(dice_per_image(p[None], t[None])[0])
 
 
 def mean_dice(preds: Any, truths: Any) -> float:
@@ -285,7 +364,9 @@ def mean_dice(preds: Any, truths: Any) -> float:
         preds, truths = list(preds), list(truths)
         if len(preds) != len(truths):
             raise ValueError(f"mean_dice: {len(preds)} predictions but {len(truths)} truths")
-        scores = np.array([dice_binary(p, t) for p, t in zip(preds, truths)])
+        pairs = zip(preds, truths)
+        each = [dice_per_image(_as_bool(p, "pred")[None], _as_bool(t, "truth")[None]) for p, t in pairs]
+        scores = np.concatenate(each) if each else np.empty(0)
     if scores.size == 0:
         raise ValueError("mean_dice of zero images is undefined; check that predictions were produced")
     return float(scores.mean())
@@ -293,6 +374,9 @@ def mean_dice(preds: Any, truths: Any) -> float:
 
 def dice_per_image_torch(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Dice of each image [N] float32 on the inputs' device; empty/empty = 1.
+
+    The device twin of :func:`dice_per_image`: the same rule as :func:`dice_from_counts`, written in
+    torch so validation never copies masks to the host nor waits for the device (no sync).
 
     Args:
         pred: [N, H, W] bool (e.g. ``probs > threshold``); truth: [N, H, W] bool or integers, where

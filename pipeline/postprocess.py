@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import InferConfig
+from pipeline.metrics import dice_from_counts
 
 __all__ = ["SearchResult", "binarize", "mean_dice_at", "remove_small_components", "search_threshold"]
 
@@ -89,17 +90,6 @@ def binarize(
     if probs.ndim != 2:
         raise ValueError(f"binarize expects probabilities [H, W], got shape {probs.shape}")
     return remove_small_components(_above(probs, threshold), min_area, connectivity)
-
-
-def _dice_from_counts(inter: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """2 |P & T| / (|P| + |T|) elementwise from counts, 1 where both masks are empty.
-
-    The search works on counts, not masks; ``pipeline.metrics.dice_per_image`` is the mask-level
-    metric (the tests check that both agree).
-    """
-    inter = np.asarray(inter, dtype=np.float64)
-    total = np.asarray(total, dtype=np.float64)
-    return np.divide(2.0 * inter, total, out=np.ones_like(total), where=total > 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,7 +231,8 @@ def search_threshold(
             truth_sum[sl] = np.count_nonzero(t, axis=(1, 2))
             inter[:, :, sl], pred_sum[:, :, sl] = _count_chunk(p, t, thr, areas, connectivity, pool)
 
-    dice = _dice_from_counts(inter, pred_sum + truth_sum).mean(axis=2)  # [T, M]
+    # The search works on counts, not masks: the same rule as metrics.dice_per_image, empty/empty = 1.
+    dice = dice_from_counts(inter, pred_sum + truth_sum).mean(axis=2)  # [T, M]
     table = pd.DataFrame(
         {
             "threshold": np.repeat(thr, len(areas)),

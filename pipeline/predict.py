@@ -37,12 +37,13 @@ from PIL import Image
 from pipeline import postprocess
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, Split, image_size, read_image
-from pipeline.infer import Manifest, iter_predictions, load_ensemble, load_manifest, pick_device
+from pipeline.device import DeviceError, pick_device
+from pipeline.infer import iter_predictions, load_ensemble
 from pipeline.io import CheckpointError, atomic_write, atomic_write_text
-from pipeline.layouts import Source, read_source
-from pipeline.metrics import confusion_matrix, dice_per_image
-from pipeline.score import format_report, label_png_path, metrics_report
-from pipeline.submit import latest_run, run_data_config
+from pipeline.layouts import Source, layout, read_source
+from pipeline.metrics import confusion_matrix, dice_per_image, format_report, metrics_report
+from pipeline.runs import Manifest, latest_run, load_manifest, run_data_config
+from pipeline.tta import TTA_SETS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -63,6 +64,12 @@ class PredictResult:
 
 
 # ----------------------------------------------------------------------------- pieces
+
+
+def label_png_path(pred_dir: str | Path, name: str) -> Path:
+    """Where the prediction of test image ``name`` goes: ``<pred_dir>/<stem>.png`` (a name with
+    folders, e.g. cityscapes' ``aachen/x.png``, keeps them). ``pipeline.score`` reads them back here."""
+    return Path(pred_dir) / Path(name).with_suffix(".png")
 
 
 def size_groups(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[tuple[list[int], int]]:
@@ -232,7 +239,7 @@ def predict_to_dir(
     classes = cfg.model.classes
     names, colors = _classes_of(source, classes, data)
     ignore = cfg.loss.ignore_index if cfg.loss.ignore_index is not None else source.ignore_index
-    tta_name = tta or manifest.tta
+    tta_name = tta or manifest.infer.tta
     out = Path(out_dir) if out_dir else Path("predictions") / f"{manifest.name}-{tta_name}"
     paths = [label_png_path(out, n) for n in test.names]
     clash = sorted(str(p) for p, n in Counter(paths).items() if n > 1)
@@ -243,8 +250,12 @@ def predict_to_dir(
     cm = np.zeros((k, k), dtype=np.int64)
     dice: list[float] = []
     shown: dict[int, np.ndarray] = {}
-    for i, ids in predict_labels(models, test, classes, tta_name, dev, manifest.threshold, manifest.min_area,
-                                 batch_size or manifest.batch_size, num_workers):
+    inf = manifest.infer
+    batches = predict_labels(
+        models, test, classes, tta_name, dev, inf.threshold, inf.min_area, batch_size or inf.batch_size,
+        num_workers,
+    )
+    for i, ids in batches:
         write_label_png(paths[i], ids, colors)
         if test.masks is not None:
             truth = np.asarray(test.masks[i])
@@ -284,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run", default="", help="run folder or manifest.yaml (default: the newest run in runs/)")
     p.add_argument("--data", default="", help="data folder (default: the run's data root)")
     p.add_argument("--out", default="", help="output folder (default: predictions/<run>-<tta>/)")
-    p.add_argument("--tta", default=None, choices=["none", "flip", "d4"], help="override the manifest's TTA")
+    p.add_argument("--tta", default=None, choices=list(TTA_SETS), help="override the manifest's TTA")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
@@ -292,14 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         manifest = load_manifest(a.run or latest_run())
-        data = run_data_config(manifest, a.data)
-        if data.layout == "competition":
+        data = run_data_config(manifest.run_dir, a.data)
+        if layout(data.layout).checkable:
             from pipeline.check_data import require_clean
 
             require_clean(data, train=False)
         result = predict_to_dir(manifest, data, a.out or None, a.tta, a.device, a.batch_size, a.workers,
                                 a.figure)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.metrics is not None:

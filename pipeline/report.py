@@ -17,7 +17,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from pipeline import viz
+from pipeline import analysis, runs, viz
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError
 from pipeline.layouts import read_source
@@ -33,28 +33,28 @@ def write_report(
     """Write the report's PNGs for ``run_dir``; returns their paths in the order written.
 
     Args:
-        run_dir: a finished run folder (see :func:`pipeline.viz.load_run`).
+        run_dir: a finished run folder (see :func:`pipeline.runs.load_run`).
         data_cfg: the data to score OOF predictions against; None = the run's own data section.
         out_dir: where the PNGs go; None = ``<run_dir>/report``.
     """
-    run = viz.load_run(run_dir)
-    data_cfg = data_cfg or viz.run_data_config(run)
+    run = runs.load_run(run_dir)
+    data_cfg = data_cfg or runs.run_data_config(run.path)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
     train = read_source(data_cfg, with_test=False).train
-    fractions = viz.tile_fractions(train)
+    fractions = analysis.tile_fractions(train)
 
     # Figures are made one at a time and dropped once saved: only the OOF arrays stay in memory.
     figures: list[tuple[str, Callable[[], Figure]]] = [
         ("data_fractions", lambda: viz.fraction_histogram(fractions.to_numpy())),
         (
             "data_examples",
-            lambda: viz.split_grid(train, viz.spread_sample(fractions.to_numpy(), EXAMPLE_TILES)),
+            lambda: viz.split_grid(train, analysis.spread_sample(fractions.to_numpy(), EXAMPLE_TILES)),
         ),
-        ("folds", lambda: viz.fold_summary_plot(viz.fold_summary(run.folds, fractions))),
+        ("folds", lambda: viz.fold_summary_plot(analysis.fold_summary(run.folds, fractions))),
         ("learning_curves", lambda: viz.learning_curves(run.metrics)),
     ]
     if run.threshold_search is not None:
-        ev = viz.evaluate_oof(run, train)
+        ev = analysis.evaluate_oof(run, train)
         figures += [
             (
                 "threshold_curve",
@@ -73,9 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="", help="output folder (default: RUN/report)")
     a = p.parse_args(argv)
     try:
-        data_cfg = viz.run_data_config(a.run, a.data) if a.data else None
+        data_cfg = runs.run_data_config(a.run, a.data) if a.data else None
         paths = write_report(a.run, data_cfg, a.out or None)
-    except (viz.RunError, DataError, ConfigError, RLEError, FileNotFoundError) as e:
+    except (runs.RunError, DataError, ConfigError, RLEError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in paths:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,67 +29,11 @@ from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, Split, read_mask_csv
 from pipeline.io import atomic_write_text
 from pipeline.layouts import BUILDING_CLASSES, Colormap, read_label_png, read_source
-from pipeline.metrics import all_metrics, confusion_matrix, dice_per_image, iou_per_image
+from pipeline.metrics import confusion_matrix, dice_per_image, format_report, iou_per_image, metrics_report
+from pipeline.predict import label_png_path
+from pipeline.runs import latest_submission
 
 CHUNK = 64  # tiles per confusion-matrix update: bounded memory on 2,500 512x512 tiles
-
-# ----------------------------------------------------------------------------- reports of a matrix
-
-
-def _finite(v: float) -> float | None:
-    """NaN (undefined, e.g. a class absent everywhere) -> None, so the JSON stays standard."""
-    return None if math.isnan(v) else float(v)
-
-
-def metrics_report(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Everything derived from one confusion matrix ``cm`` [K, K] (rows = truth), JSON-ready.
-
-    Returns ``{"pixel_accuracy", "mean_pixel_accuracy", "mean_iou", "fw_iou", "mean_dice",
-    "per_class": [{"name", "iou", "dice", "accuracy", "truth_pixels", "pred_pixels"}],
-    "confusion_matrix": [[...]]}``; undefined values (NaN) are ``None``.
-    """
-    cm = np.asarray(cm, dtype=np.int64)
-    flat = all_metrics(cm, class_names)
-    truth, pred = cm.sum(1), cm.sum(0)
-    per_class = []
-    for c, name in enumerate(class_names):
-        acc = cm[c, c] / truth[c] if truth[c] else float("nan")
-        per_class.append({
-            "name": str(name),
-            "iou": _finite(flat[f"iou/{name}"]),
-            "dice": _finite(flat[f"dice/{name}"]),
-            "accuracy": _finite(float(acc)),
-            "truth_pixels": int(truth[c]),
-            "pred_pixels": int(pred[c]),
-        })
-    keys = ("pixel_accuracy", "mean_pixel_accuracy", "mean_iou", "fw_iou", "mean_dice")
-    return {
-        **{k: _finite(flat[k]) for k in keys},
-        "per_class": per_class,
-        "confusion_matrix": cm.tolist(),
-    }
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """A plain-text table of :func:`metrics_report` (None prints as ``-``)."""
-
-    def f(v: float | None) -> str:
-        return "     -" if v is None else f"{v:6.4f}"
-
-    lines = [
-        f"pixel accuracy {f(report['pixel_accuracy'])}   "
-        f"mean pixel accuracy {f(report['mean_pixel_accuracy'])}",
-        f"mean IoU       {f(report['mean_iou'])}   "
-        f"frequency-weighted IoU {f(report['fw_iou'])}   mean Dice {f(report['mean_dice'])}",
-    ]
-    width = max(8, *(len(c["name"]) for c in report["per_class"]))
-    lines.append(f"{'class':<{width}}     IoU    Dice     acc  truth px   pred px")
-    for c in report["per_class"]:
-        lines.append(
-            f"{c['name']:<{width}}  {f(c['iou'])}  {f(c['dice'])}  {f(c['accuracy'])} "
-            f"{c['truth_pixels']:>9} {c['pred_pixels']:>9}"
-        )
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- binary RLE submission
@@ -152,12 +95,6 @@ def write_score(result: dict[str, Any], sub_path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- class-id PNGs
-
-
-def label_png_path(pred_dir: str | Path, name: str) -> Path:
-    """Where ``pipeline.predict`` writes the prediction of test image ``name``: ``<pred_dir>/<stem>.png``
-    (a name with folders, e.g. cityscapes' ``aachen/x.png``, keeps them)."""
-    return Path(pred_dir) / Path(name).with_suffix(".png")
 
 
 def score_label_dir(
@@ -229,7 +166,9 @@ def _main_labels(a: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.score", description=__doc__.split("\n\n")[0])
-    p.add_argument("submission", nargs="?", default="", help="binary: a submission CSV (name<TAB>rle)")
+    p.add_argument(
+        "submission", nargs="?", default="", help="binary: a submission CSV (default: the newest one)"
+    )
     p.add_argument("--truth", default="data/demo/test_a_mask.csv", help="binary: truth CSV (name<TAB>rle)")
     p.add_argument("--size", type=int, default=0, help="binary: tile size (default: from the data folder)")
     p.add_argument("--pred-dir", default="", help="class-id PNGs written by python -m pipeline.predict")
@@ -240,11 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.pred_dir:
             return _main_labels(a)
-        if not a.submission:
-            p.error("give a SUBMISSION csv, or --pred-dir DIR --data DIR for class-id PNGs")
+        a.submission = str(latest_submission(a.submission))
         shape = (a.size, a.size) if a.size else _tile_shape(Path(a.truth))
         result = score_submission(a.submission, a.truth, shape)
-    except (ConfigError, DataError, rle.RLEError) as e:
+    except (ConfigError, DataError, rle.RLEError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = write_score(result, a.submission)

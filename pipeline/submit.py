@@ -12,7 +12,6 @@ truth (``test_a_mask.csv``) exists.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -24,11 +23,16 @@ from typing import Any
 import numpy as np
 
 from pipeline import postprocess, rle
-from pipeline.config import ConfigError, DataConfig, load_config
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, image_size
-from pipeline.infer import Manifest, iter_predictions, load_ensemble, load_manifest, pick_device
+from pipeline.device import DeviceError, pick_device
+from pipeline.infer import iter_predictions, load_ensemble
 from pipeline.io import CheckpointError, atomic_write
 from pipeline.layouts import read_source
+from pipeline.runs import Manifest, latest_run, load_manifest, run_data_config
+from pipeline.score import score_submission, write_score
+from pipeline.tta import TTA_SETS
+from pipeline.validate import validate_submission
 
 
 @dataclass
@@ -68,14 +72,6 @@ def predict_and_encode(
         return [(n, encoded[n].result()) for n in split.names]
 
 
-def latest_run(runs_dir: str | Path = "runs") -> Path:
-    """The most recently written manifest's run folder (what `make submit` uses without RUN=)."""
-    manifests = sorted(Path(runs_dir).glob("*/manifest.yaml"), key=lambda p: p.stat().st_mtime)
-    if not manifests:
-        raise ConfigError(f"no trained run in {runs_dir}/ (no */manifest.yaml); run make train first")
-    return manifests[-1].parent
-
-
 def make_submission(
     manifest: Manifest,
     data: DataConfig,
@@ -100,15 +96,15 @@ def make_submission(
         raise DataError(f"no test tiles in {data.root}/{data.test_dir} (sample: {data.sample_csv})")
     dev = pick_device(device)
     models, _ = load_ensemble(manifest, dev)
-    tta_name = tta or manifest.tta
+    tta_name = tta or manifest.infer.tta
     rows = predict_and_encode(
         models,
         source.test,
         tta_name,
-        manifest.threshold,
-        manifest.min_area,
+        manifest.infer.threshold,
+        manifest.infer.min_area,
         dev,
-        batch_size or manifest.batch_size,
+        batch_size or manifest.infer.batch_size,
         num_workers,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -117,8 +113,6 @@ def make_submission(
         f.writelines(f"{n}\t{r}\n" for n, r in rows)
     result = SubmissionResult(path, len(rows), sum(1 for _, r in rows if not r), time.time() - t0)
 
-    from pipeline.validate import validate_submission
-
     sample = Path(data.root) / data.sample_csv
     shape = image_size(source.test.image_paths[0])  # check_data guarantees every tile has this size
     problems = validate_submission(path, sample if sample.is_file() else None, shape)
@@ -126,30 +120,16 @@ def make_submission(
         raise DataError(f"{path} failed validation:\n  " + "\n  ".join(problems))
     truth = Path(data.root) / data.test_mask_csv
     if truth.is_file():
-        from pipeline.score import score_submission, write_score
-
         result.score = score_submission(path, truth, shape)
         write_score(result.score, path)
     return result
-
-
-def run_data_config(manifest: Manifest, root: str = "") -> DataConfig:
-    """The data section the run was trained with (file names, tile size), pointed at ``root`` if given."""
-    cfg_path = manifest.run_dir / "config.yaml"
-    data = load_config(cfg_path).data if cfg_path.is_file() else DataConfig()
-    root = root or manifest.data_root or data.root
-    if not root:
-        raise ConfigError("no data folder: pass --data DIR (the manifest has no data_root)")
-    return dataclasses.replace(data, root=root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="", help="run folder or manifest.yaml (default: the newest run in runs/)")
     p.add_argument("--data", default="", help="data folder (default: the run's data_root)")
-    p.add_argument(
-        "--tta", default=None, choices=["none", "flip", "d4"], help="override the manifest's TTA set"
-    )
+    p.add_argument("--tta", default=None, choices=list(TTA_SETS), help="override the manifest's TTA set")
     p.add_argument("--out", default="submissions")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None)
@@ -157,12 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         manifest = load_manifest(a.run or latest_run())
-        data = run_data_config(manifest, a.data)
+        data = run_data_config(manifest.run_dir, a.data)
         from pipeline.check_data import require_clean
 
         require_clean(data, train=False)
         result = make_submission(manifest, data, a.out, a.tta, a.device, a.batch_size, a.workers)
-    except (ConfigError, DataError, CheckpointError, rle.RLEError) as e:
+    except (ConfigError, DataError, CheckpointError, DeviceError, rle.RLEError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

@@ -1,21 +1,20 @@
-"""Large scenes <-> tiles, and memory-bounded sliding-window prediction (rasterio).
+"""Large scenes <-> tiles: the tile grid, split/merge with blending, and cutting scenes into tiles.
 
-Three layers:
+Two layers (the memory-bounded sliding-window prediction of a whole scene built on them is
+:mod:`pipeline.scene`):
 
 * :class:`TileGrid` and the pure functions :func:`split`, :func:`merge`, :func:`blend_window`:
   in-memory arrays, ``merge(split(x)) == x`` exactly for any size and overlap.
 * :func:`make_tiles`: cut Inria-style scenes (``images/*.tif`` + ``gt/*.tif``, gt 255 = building)
   into the competition layout (``train/*.jpg``, ``train_mask.csv``) plus ``manifest.csv``
   (``name,group`` with group = scene, so folds can be grouped by scene).
-* :func:`predict_scene`: sliding-window prediction of a whole scene with weighted blending, reading
-  one strip of tile rows at a time and writing finished rows to a GeoTIFF (or PNG) by windows.
 
 The grid: tiles of ``tile`` x ``tile`` every ``stride = tile - overlap`` pixels; the last tile of a row
 or column is moved back to end exactly on the border (it overlaps its neighbour more), so a scene
 at least one tile large needs no padding. A scene smaller than a tile along an axis gets a single
 tile on that axis, reflect-padded at the bottom/right to ``tile``; the padding is cropped away again
-in :func:`merge` / :func:`predict_scene` (and stays in the JPEG/mask of :func:`make_tiles`, where
-reflected pixels are labelled consistently with the reflected image).
+in :func:`merge` / :func:`pipeline.scene.predict_scene` (and stays in the JPEG/mask of
+:func:`make_tiles`, where reflected pixels are labelled consistently with the reflected image).
 
 Blending is exact for identical predictions: tile values (float32) times float32 weights are exact in
 float64, the float64 weighted mean of n copies of p is within a few float64 ulps of p, and rounding
@@ -45,12 +44,10 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from pipeline import rle
-from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_text
-from pipeline.postprocess import binarize
+from pipeline.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "BLEND_WINDOWS",
-    "SceneStats",
     "TileGrid",
     "TileWindow",
     "TilesSummary",
@@ -58,12 +55,10 @@ __all__ = [
     "main",
     "make_tiles",
     "merge",
-    "predict_scene",
     "split",
 ]
 
 SCENE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
-PredictFn = Callable[[np.ndarray], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- grid
@@ -130,7 +125,7 @@ class TileGrid:
         return len(self.row_offsets) * len(self.col_offsets)
 
 
-def _pad_to(x: np.ndarray, tile: int) -> np.ndarray:
+def pad_to(x: np.ndarray, tile: int) -> np.ndarray:
     """Reflect-pad ``x`` [h, w, ...] at the bottom/right to [tile, tile, ...]; no copy if already full."""
     ph, pw = tile - x.shape[0], tile - x.shape[1]
     if ph == 0 and pw == 0:
@@ -147,24 +142,36 @@ def split(image: np.ndarray, grid: TileGrid) -> np.ndarray:
         raise ValueError(f"image is {image.shape[:2]} but the grid is for {(grid.height, grid.width)}")
     out = np.empty((len(grid), grid.tile, grid.tile, *image.shape[2:]), dtype=image.dtype)
     for i, (r, c, h, w) in enumerate(grid.windows):
-        out[i] = _pad_to(image[r : r + h, c : c + w], grid.tile)
+        out[i] = pad_to(image[r : r + h, c : c + w], grid.tile)
     return out
 
 
-def _window_2d(kind: str, tile: int) -> np.ndarray:
+# Blend windows by name: a 1-D profile float64 [tile], > 0 at every pixel; the 2-D window is its outer
+# product with itself (see blend_window).
+
+
+def _uniform(tile: int) -> np.ndarray:
+    return np.ones(tile)
+
+
+def _cosine(tile: int) -> np.ndarray:
+    """Hann window sampled at pixel centres: sin^2 is > 0 at every pixel, 1 in the middle."""
     i = np.arange(tile, dtype=np.float64)
-    if kind == "uniform":
-        w1 = np.ones(tile)
-    elif kind == "cosine":
-        # Hann window sampled at pixel centres: sin^2 is > 0 at every pixel, 1 in the middle.
-        w1 = np.sin(np.pi * (i + 0.5) / tile) ** 2
-    else:  # gaussian, sigma = tile / 8 as in nnU-Net: ~1e-7 at the corners, never 0 in float32
-        c = (tile - 1) / 2
-        w1 = np.exp(-((i - c) ** 2) / (2 * (tile / 8) ** 2))
-    return np.outer(w1, w1)
+    return np.sin(np.pi * (i + 0.5) / tile) ** 2
 
 
-BLEND_WINDOWS = ("uniform", "cosine", "gaussian")
+def _gaussian(tile: int) -> np.ndarray:
+    """sigma = tile / 8 as in nnU-Net: ~1e-7 at the corners, never 0 in float32."""
+    i = np.arange(tile, dtype=np.float64)
+    c = (tile - 1) / 2
+    return np.exp(-((i - c) ** 2) / (2 * (tile / 8) ** 2))
+
+
+BLEND_WINDOWS: dict[str, Callable[[int], np.ndarray]] = {
+    "uniform": _uniform,
+    "cosine": _cosine,
+    "gaussian": _gaussian,
+}
 
 
 def blend_window(tile: int, kind: str = "cosine") -> np.ndarray:
@@ -176,9 +183,10 @@ def blend_window(tile: int, kind: str = "cosine") -> np.ndarray:
     """
     if kind not in BLEND_WINDOWS:
         raise ValueError(f"unknown blend window {kind!r}; use one of {', '.join(BLEND_WINDOWS)}")
-    w = _window_2d(kind, tile)
+    w1 = BLEND_WINDOWS[kind](tile)
+    w = np.outer(w1, w1)
     w = (w / w.max()).astype(np.float32)
-    assert (w > 0).all(), "blend window must be strictly positive"  # guards future edits of _window_2d
+    assert (w > 0).all(), "blend window must be strictly positive"  # guards additions to BLEND_WINDOWS
     return w
 
 
@@ -213,14 +221,14 @@ def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 # ----------------------------------------------------------------------------- raster I/O
 
 
-def _open(path: Path) -> rasterio.DatasetReader:
+def open_raster(path: Path) -> rasterio.DatasetReader:
     """Open a raster; JPEG/PNG without georeferencing are fine (the warning is expected, not a problem)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         return rasterio.open(path)
 
 
-def _check_rgb(src: rasterio.DatasetReader, path: Path) -> None:
+def check_rgb(src: rasterio.DatasetReader, path: Path) -> None:
     if src.count < 3 or src.dtypes[0] != "uint8":
         raise ValueError(
             f"{path}: expected an 8-bit RGB image (>= 3 uint8 bands), got {src.count} band(s) of "
@@ -228,7 +236,7 @@ def _check_rgb(src: rasterio.DatasetReader, path: Path) -> None:
         )
 
 
-def _read_rgb(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
+def read_rgb(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     """Bands 1-3 of ``window`` as uint8 [h, w, 3] (a 4th band, e.g. NIR or alpha, is ignored)."""
     return np.moveaxis(src.read((1, 2, 3), window=window), 0, -1)
 
@@ -316,8 +324,8 @@ def make_tiles(
     names: list[str] = []
     for img_path, gt_path in pairs:
         scene = img_path.stem
-        with _open(img_path) as src, _open(gt_path) as gt:
-            _check_rgb(src, img_path)
+        with open_raster(img_path) as src, open_raster(gt_path) as gt:
+            check_rgb(src, img_path)
             if (src.height, src.width) != (gt.height, gt.width):
                 raise ValueError(
                     f"scene {img_path} is {src.height}x{src.width} but its ground truth {gt_path} is "
@@ -327,13 +335,13 @@ def make_tiles(
             for r in grid.row_offsets:
                 h = min(tile, src.height)
                 strip_window = Window(0, r, src.width, h)  # Window(col_off, row_off, width, height)
-                rgb = _read_rgb(src, strip_window)
+                rgb = read_rgb(src, strip_window)
                 mask = _read_gt(gt, strip_window, gt_path)
                 for c in grid.col_offsets:
                     w = min(tile, src.width)
                     name = f"{scene}_{r}_{c}.jpg"
-                    tile_rgb = _pad_to(rgb[:, c : c + w], tile)
-                    tile_mask = _pad_to(mask[:, c : c + w], tile)
+                    tile_rgb = pad_to(rgb[:, c : c + w], tile)
+                    tile_mask = pad_to(mask[:, c : c + w], tile)
                     atomic_write_bytes(
                         out_dir / split_name / name, _jpeg_bytes(np.ascontiguousarray(tile_rgb), quality)
                     )
@@ -343,122 +351,6 @@ def make_tiles(
     atomic_write_text(out_dir / f"{split_name}_mask.csv", "\n".join(mask_lines) + "\n")
     atomic_write_text(out_dir / "manifest.csv", "\n".join(manifest) + "\n")
     return TilesSummary(len(pairs), tuple(names))
-
-
-# ----------------------------------------------------------------------------- predict scene
-
-
-@dataclass(frozen=True)
-class SceneStats:
-    """What :func:`predict_scene` did; ``accumulator_rows`` x ``width`` is all the float state it held."""
-
-    height: int
-    width: int
-    n_tiles: int
-    n_batches: int
-    accumulator_rows: int  # rows of the float64 sum and weight buffers (<= tile, not the scene height)
-    flushed_rows: tuple[int, ...]  # rows written per flush, in order; they sum to height
-
-
-def _predict(predict_fn: PredictFn, batch: np.ndarray) -> np.ndarray:
-    out = np.asarray(predict_fn(batch))
-    if out.shape != batch.shape[:3]:
-        raise ValueError(
-            f"predict_fn returned shape {out.shape} for tiles {batch.shape}; it must return probabilities "
-            f"[B, H, W] = {batch.shape[:3]} (one channel, same tile size, sigmoid already applied)"
-        )
-    return out.astype(np.float32, copy=False)
-
-
-def _dst_profile(dst_path: Path, src: rasterio.DatasetReader) -> dict:
-    suffix = dst_path.suffix.lower()
-    profile: dict = {"height": src.height, "width": src.width, "count": 1, "dtype": "uint8"}
-    if suffix in (".tif", ".tiff"):
-        profile.update(driver="GTiff", compress="deflate", tiled=True, blockxsize=256, blockysize=256)
-    elif suffix == ".png":
-        profile.update(driver="PNG")  # copy-only format: rasterio buffers the uint8 mask in memory
-    else:
-        raise ValueError(f"{dst_path}: output must be .tif/.tiff (GeoTIFF) or .png")
-    # Carry georeferencing only when the input has it: a plain JPEG/PNG has no CRS and an identity transform.
-    if src.crs is not None or not src.transform.is_identity:
-        profile.update(crs=src.crs, transform=src.transform)
-    return profile
-
-
-def predict_scene(
-    src_path: str | Path,
-    dst_path: str | Path,
-    predict_fn: PredictFn,
-    tile: int = 512,
-    overlap: int = 128,
-    batch_size: int = 8,
-    threshold: float = 0.5,
-    window: str = "cosine",
-    foreground: int = 1,
-) -> SceneStats:
-    """Sliding-window prediction of a large scene into a uint8 mask raster.
-
-    Args:
-        src_path: scene raster (GeoTIFF, or plain JPEG/PNG), >= 3 uint8 bands.
-        dst_path: ``.tif`` (GeoTIFF: the input's CRS and transform, deflate, 256x256 tiles) or ``.png``.
-        predict_fn: uint8 tiles [B, tile, tile, 3] -> float32 probabilities [B, tile, tile].
-        tile, overlap: the :class:`TileGrid`; ``batch_size`` tiles per ``predict_fn`` call (within one
-            tile row, so a narrow scene may give smaller batches).
-        threshold: a pixel is foreground when its blended probability > threshold (as in
-            :func:`pipeline.postprocess.binarize`). ``min_area`` is not applied here: components
-            cross strip boundaries, so filter the finished mask if needed.
-        window: blending weights, see :func:`blend_window`.
-        foreground: value written for buildings (1, or 255 for viewing).
-
-    Memory: one strip of tile rows of RGB ([tile, W, 3] uint8), one batch of tiles and predictions,
-    and two float64 accumulators of ``min(tile, H)`` x W. After tile row k is added, the rows above
-    tile row k + 1 receive no more contributions: they are written out (``window=``) and the
-    accumulators shift up, so the next tile row again starts at accumulator row 0 (``tile`` rows
-    suffice, fewer than the ``tile + stride`` a buffer flushed after the next row would need). The
-    GeoTIFF is assembled compressed in memory and written atomically; PNG buffers the uint8 mask.
-    """
-    src_path, dst_path = Path(src_path), Path(dst_path)
-    if foreground not in (1, 255):
-        raise ValueError(f"foreground must be 1 or 255, got {foreground}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    weight = blend_window(tile, window).astype(np.float64)  # float32 values: products with float32 stay exact
-    with _open(src_path) as src:
-        _check_rgb(src, src_path)
-        height, width = src.height, src.width
-        grid = TileGrid(height, width, tile, overlap)
-        rows, cols = grid.row_offsets, grid.col_offsets
-        th, tw = min(tile, height), min(tile, width)
-        acc = np.zeros((th, width), dtype=np.float64)
-        wsum = np.zeros((th, width), dtype=np.float64)
-        n_batches = 0
-        flushed: list[int] = []
-        with (
-            atomic_write(dst_path) as f,
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(f, "w", **_dst_profile(dst_path, src)) as dst:
-                for k, r in enumerate(rows):
-                    strip = _read_rgb(src, Window(0, r, width, th))
-                    for b in range(0, len(cols), batch_size):
-                        batch_cols = cols[b : b + batch_size]
-                        batch = np.stack([_pad_to(strip[:, c : c + tw], tile) for c in batch_cols])
-                        for c, p in zip(batch_cols, _predict(predict_fn, batch)):
-                            acc[:, c : c + tw] += p[:th, :tw] * weight[:th, :tw]
-                            wsum[:, c : c + tw] += weight[:th, :tw]
-                        n_batches += 1
-                    # Rows above the next tile row are final: write them and shift the buffers up.
-                    done = (rows[k + 1] if k + 1 < len(rows) else height) - r
-                    probs = (acc[:done] / wsum[:done]).astype(np.float32)
-                    mask = binarize(probs, threshold) * np.uint8(foreground)
-                    dst.write(mask[None], window=Window(0, r, width, done))
-                    flushed.append(done)
-                    acc[: th - done] = acc[done:]
-                    acc[th - done :] = 0
-                    wsum[: th - done] = wsum[done:]
-                    wsum[th - done :] = 0
-    return SceneStats(height, width, len(grid), n_batches, th, tuple(flushed))
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -18,7 +18,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.check_data import CsvRow, Problem, rle_problem, scan_csv
+from pipeline.maskcsv import CsvRow, Problem, rle_problem, scan_csv
 
 ORDER_FIX = (
     "write the rows in the sample's order (pandas: sub.set_index('name').loc[sample['name']].reset_index())"

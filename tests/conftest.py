@@ -63,3 +63,33 @@ def real_data_or_skip() -> Path:
     if not (REAL_DATA / "train_mask.csv").is_file():
         pytest.skip(f"real data not found at {REAL_DATA} (set BUILDSEG_REAL_DATA)")
     return REAL_DATA
+
+
+@pytest.fixture
+def small_run(tmp_path: Path):
+    """A fake finished run of 5 tiles of 8x8 (see fake_runs) and the Split holding their truth."""
+    import numpy as np
+    from fake_runs import H, W, masks, png, write_run
+
+    from pipeline.data import Split
+
+    names = [f"t{i}.png" for i in range(5)]
+    truths = masks(5)
+    probs = (truths * 200).astype(np.uint8)
+    probs[3] = 0  # tile 3 missed entirely -> Dice 0
+    run = write_run(tmp_path / "run", names, [0, 1, 0, 1, 0], probs)
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = [png(images / n, np.zeros((H, W, 3), np.uint8)) for n in names]
+    return run, Split(names, paths, truths)
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Demo data + a finished run + a submission; session-scoped: the notebooks and report only read it."""
+    from fake_runs import DemoRun, write_submission, write_synthetic_run
+
+    tmp = tmp_path_factory.mktemp("demo_run")
+    run = write_synthetic_run(tmp / "runs" / "demo", demo_root)
+    sub = write_submission(tmp / "submissions" / "demo-none-20250101-000000.csv", demo_root)
+    return DemoRun(demo_root, run, sub)

@@ -68,6 +68,15 @@ def test_bad_values_say_what_is_wrong(override, message):
         load_config(None, [override])
 
 
+def test_infer_tta_accepts_exactly_the_registered_sets():
+    from pipeline.tta import TTA_SETS
+
+    for name in TTA_SETS:
+        assert load_config(None, [f"infer.tta={name}"]).infer.tta == name
+    with pytest.raises(ConfigError, match=", ".join(list(TTA_SETS)[:-1])):
+        load_config(None, ["infer.tta=D4"])
+
+
 def test_bad_yaml_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train: [unclosed\n")
@@ -97,3 +106,27 @@ def test_null_encoder_weights_and_nullable_ignore_index():
     assert cfg.model.encoder_weights is None and cfg.loss.ignore_index is None
     cfg = load_config(None, ["model.encoder_weights=imagenet"])
     assert cfg.model.encoder_weights == "imagenet"
+
+
+def test_default_yaml_is_the_dataclass_defaults():
+    """One source of defaults: configs/default.yaml spells out exactly what load_config(None) builds."""
+
+    root = Path(__file__).resolve().parents[1]
+    assert load_config(root / "configs" / "default.yaml") == Config() == load_config(None)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("infer.threshold=2.0", "infer.threshold must be between 0 and 1"),
+        ("infer.threshold=.nan", "infer.threshold must be between 0 and 1"),
+        ("infer.min_area=-1", "infer.min_area must be >= 0"),
+        ("infer.thresholds=[]", "infer.thresholds must be a non-empty list"),
+        ("infer.min_areas=[0,-4]", "infer.min_areas must be a non-empty list of areas >= 0"),
+        ("infer.batch_size=0", "infer.batch_size must be >= 1"),
+        ("infer.overlap=512", "0 <= overlap < tile_size"),
+    ],
+)
+def test_inference_values_out_of_range_are_refused_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -139,3 +139,88 @@ def test_subset_of_cached_masks_stays_on_disk(demo_root):
     assert sub.masks.shape == (3, 64, 64)
     np.testing.assert_array_equal(np.asarray(sub.masks), np.asarray(train.masks)[[3, 0, 7]])
     np.testing.assert_array_equal(sub.subset([2]).masks[0], train.masks[7])
+
+
+# ----------------------------------------------------------------------------- image modes
+
+
+def _mode_image(mode: str, value: int):
+    from PIL import Image
+
+    if mode in data_mod.HIGH_BIT_MODES:
+        return Image.new(mode, (5, 4), float(value) if mode == "F" else value)
+    return Image.new(mode, (5, 4))
+
+
+def test_every_mode_check_data_accepts_is_converted_by_read_image(tmp_path):
+    """check_data warns and moves on for each mode of MODE_NAMES: read_image must convert every one,
+    and high-bit modes the way the warning says (divided by 257 when any value is above 255)."""
+    from PIL import Image
+
+    from pipeline.check_images import MODE_NAMES
+
+    assert set(data_mod.HIGH_BIT_MODES) <= set(MODE_NAMES)
+    written = []
+    for mode in MODE_NAMES:
+        path = tmp_path / f"{mode.replace(';', '_')}.tif"
+        try:
+            _mode_image(mode, 257 * 100).save(path)
+        except (OSError, ValueError, KeyError):
+            continue  # PIL cannot write this mode (HSV, I;16N): no exporter produces it either
+        written.append(mode)
+        with Image.open(path) as im:
+            stored = im.mode  # TIFF stores RGBX as RGB, I;16L as I;16
+        if stored == "RGB":
+            rgb = data_mod.read_image(path)
+        else:
+            with pytest.warns(UserWarning, match="converted"):
+                rgb = data_mod.read_image(path)
+        assert rgb.shape == (4, 5, 3) and rgb.dtype == np.uint8, mode
+        if mode in data_mod.HIGH_BIT_MODES:
+            assert (rgb == 100).all(), f"{mode}: {np.unique(rgb)}"
+    assert {"I", "I;16", "I;16B", "F", "L", "P", "RGBA", "CMYK"} <= set(written)
+
+
+# ----------------------------------------------------------------------------- building fraction
+
+
+class _NoStack:
+    """Masks that can only be read one at a time: stacking them (np.asarray) fails the test."""
+
+    def __init__(self, masks):
+        self.masks, self.reads = masks, 0
+
+    def __len__(self):
+        return len(self.masks)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.masks[i]
+
+    def __array__(self, *a, **k):
+        raise AssertionError("the masks were stacked")
+
+
+def test_foreground_fraction_known_answer_one_mask_at_a_time():
+    from pathlib import Path
+
+    masks = _NoStack(
+        [
+            np.array([[0, 1], [1, 1]], np.uint8),
+            np.zeros((2, 2), np.uint8),
+            np.array([[0, 1], [2, 255]], np.uint8),
+            np.full((2, 2), 255, np.uint8),
+        ]
+    )
+    split = data_mod.Split(list("abcd"), [Path(n) for n in "abcd"], masks)
+    np.testing.assert_array_equal(split.foreground_fraction(), [3 / 4, 0.0, 3 / 4, 1.0])
+    np.testing.assert_array_equal(split.foreground_fraction(255), [3 / 4, 0.0, 2 / 3, 0.0])
+    assert masks.reads == 8
+    with pytest.raises(DataError, match="no masks"):
+        data_mod.Split(["a"], [Path("a")], None).foreground_fraction()
+
+
+def test_foreground_fraction_of_the_competition_masks_is_the_building_fraction(demo_root):
+    train = read_source(DataConfig(root=str(demo_root)), with_test=False).train
+    expected = np.asarray(train.masks).reshape(len(train), -1).mean(axis=1)
+    assert (train.foreground_fraction() == expected).all()  # bit for bit: the folds depend on it

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import rle
+from pipeline.config import DataConfig
 from pipeline.demo_data import generate
-from pipeline.folds import FoldsError, fraction_bins, load_folds, main, make_folds, mask_fractions
+from pipeline.folds import FoldsError, fraction_bins, load_folds, main, make_folds
+from pipeline.layouts import read_source
 
 REAL_DATA = Path(
     os.environ.get("BUILDSEG_REAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/buildings-real")
@@ -319,17 +321,10 @@ def test_cli_errors_are_messages_not_tracebacks(demo, tmp_path, capsys):
 def test_real_data_manifest_groups_never_straddle_folds():
     if not (REAL_DATA / "train_mask.csv").is_file():
         pytest.skip(f"real data not found at {REAL_DATA} (set BUILDSEG_REAL_DATA)")
-    train = pd.read_csv(
-        REAL_DATA / "train_mask.csv",
-        sep="\t",
-        header=None,
-        names=["name", "rle"],
-        keep_default_na=False,
-        dtype=str,
-    )
+    train = read_source(DataConfig(root=str(REAL_DATA)), with_test=False).train
     manifest = pd.read_csv(REAL_DATA / "manifest.csv", dtype=str).set_index("name")
-    names = train["name"].tolist()
-    fractions = mask_fractions(train["rle"].tolist(), (512, 512), "train_mask.csv", names)
+    names = train.names
+    fractions = train.foreground_fraction()
     groups = manifest.loc[names, "group"].tolist()
     df = make_folds(names, fractions, 5, seed=42, groups=groups)
     fold = _fold_of(df, names)

@@ -23,7 +23,7 @@ from pipeline.losses import (
     multiclass_soft_dice,
     soft_dice_binary,
 )
-from pipeline.metrics import dice_binary
+from pipeline.metrics import dice_per_image
 
 BIG = 100.0  # sigmoid(+-100) is exactly 1/0 in float32: logits that act as hard probabilities
 
@@ -89,7 +89,7 @@ def test_dice_score_on_hard_masks_matches_competition_metric(pairs):
     if not (pred.any() or truth.any()):
         return  # empty/empty: dice_score(smooth=0) is 0 by design, the metric says 1 (covered above)
     soft = dice_score(torch.from_numpy(pred).float(), torch.from_numpy(truth).float()).item()
-    assert soft == pytest.approx(dice_binary(pred[None], truth[None]), abs=1e-6)
+    assert soft == pytest.approx(dice_per_image(pred[None, None], truth[None, None])[0], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- BCE and combination

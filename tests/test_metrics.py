@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -16,10 +17,11 @@ from pipeline.metrics import (
     all_metrics,
     confusion_matrix,
     confusion_matrix_torch,
-    dice_binary,
+    dice_from_counts,
     dice_per_class,
     dice_per_image,
     dice_per_image_torch,
+    format_report,
     fw_iou,
     iou_per_class,
     iou_per_image,
@@ -27,6 +29,7 @@ from pipeline.metrics import (
     mean_dice,
     mean_iou,
     mean_pixel_accuracy,
+    metrics_report,
     pixel_accuracy,
 )
 
@@ -139,27 +142,68 @@ def test_all_metrics_keys_and_values():
         all_metrics(CM3, ["a", "b"])
 
 
+def test_metrics_report_known_answer():
+    cm = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # rows = truth; class 2 absent everywhere
+    r = metrics_report(cm, ["bg", "a", "b"])
+    assert r["pixel_accuracy"] == pytest.approx(5 / 6)
+    assert r["mean_pixel_accuracy"] == pytest.approx((3 / 4 + 1) / 2)
+    assert [c["iou"] for c in r["per_class"]] == [pytest.approx(3 / 4), pytest.approx(2 / 3), None]
+    assert r["mean_iou"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert r["fw_iou"] == pytest.approx(4 / 6 * 3 / 4 + 2 / 6 * 2 / 3)
+    assert r["per_class"][1]["dice"] == pytest.approx(4 / 5)
+    assert r["per_class"][0]["truth_pixels"] == 4 and r["per_class"][1]["pred_pixels"] == 3
+    json.dumps(r, allow_nan=False)  # None, not NaN: standard JSON
+    text = format_report(r)
+    assert "mean IoU       0.7083" in text and "b" in text.splitlines()[-1]
+
+
+def test_format_report_known_table():
+    r = metrics_report(np.array([[3, 1], [0, 0]]), ["background", "building"])  # no building in the truth
+    assert format_report(r).splitlines() == [
+        "pixel accuracy 0.7500   mean pixel accuracy 0.7500",
+        "mean IoU       0.3750   frequency-weighted IoU 0.7500   mean Dice 0.4286",
+        "class          IoU    Dice     acc  truth px   pred px",
+        "background  0.7500  0.8571  0.7500         4         3",
+        "building    0.0000  0.0000       -         0         1",
+    ]
+
+
 # ----------------------------------------------------------------------------- competition Dice
 
 
-def test_dice_binary_known_answers():
+def _dice1(pred, truth) -> float:
+    """Dice of one image [H, W], through the batch function."""
+    return float(dice_per_image(np.asarray(pred)[None], np.asarray(truth)[None])[0])
+
+
+def test_dice_from_counts_known_answers_and_empty_empty() -> None:
+    # |P & T|, |P| + |T|: half-overlap 2 of 4 -> 2/3; empty/empty -> 1; FP on empty truth -> 0.
+    np.testing.assert_allclose(
+        dice_from_counts(np.array([2, 0, 0, 0]), np.array([6, 0, 1, 1])), [2 / 3, 1, 0, 0]
+    )
+    # Per class, empty/empty is undefined (NaN), not a free 1.
+    out = dice_from_counts([3, 0], [4, 0], empty=float("nan"))
+    assert out[0] == 1.5 and math.isnan(out[1]) and out.dtype == np.float64
+
+
+def test_dice_of_one_image_known_answers():
     empty = np.zeros((2, 2), np.uint8)
     full = np.ones((2, 2), np.uint8)
     half = np.array([[1, 1], [0, 0]], np.uint8)
-    assert dice_binary(full, half) == pytest.approx(2 / 3)
-    assert dice_binary(empty, empty) == 1.0  # empty prediction on empty truth scores 1
-    assert dice_binary(empty, half) == 0.0
-    assert dice_binary(half, empty) == 0.0
-    assert dice_binary(half.astype(bool), half) == 1.0
+    assert _dice1(full, half) == pytest.approx(2 / 3)
+    assert _dice1(empty, empty) == 1.0  # empty prediction on empty truth scores 1
+    assert _dice1(empty, half) == 0.0
+    assert _dice1(half, empty) == 0.0
+    assert _dice1(half.astype(bool), half) == 1.0
 
 
-def test_dice_binary_rejects_probabilities_and_0_255():
+def test_dice_rejects_probabilities_and_0_255():
     with pytest.raises(ValueError, match="threshold"):
-        dice_binary(np.full((2, 2), 0.7), np.ones((2, 2)))
+        _dice1(np.full((2, 2), 0.7), np.ones((2, 2)))
     with pytest.raises(ValueError, match="255"):
-        dice_binary(np.ones((2, 2)), np.full((2, 2), 255))
-    with pytest.raises(ValueError, match="same shape"):
-        dice_binary(np.ones((2, 2)), np.ones((2, 3)))
+        _dice1(np.ones((2, 2)), np.full((2, 2), 255))
+    with pytest.raises(ValueError, match="equal shapes"):
+        _dice1(np.ones((2, 2)), np.ones((2, 3)))
 
 
 def test_dice_and_iou_per_image_known_answers():
@@ -195,8 +239,12 @@ def test_mean_dice_over_images_of_different_sizes():
 def test_vectorised_dice_equals_per_image_loop_and_torch(truth, seed):
     rng = np.random.default_rng(seed)
     pred = rng.random(truth.shape) < rng.random()
-    loop = np.array([dice_binary(p, t) for p, t in zip(pred, truth)])
+    # An independent per-image loop from the definition (not through pipeline.metrics).
+    loop = np.array(
+        [2 * (p & t).sum() / (p.sum() + t.sum()) if (p | t).any() else 1.0 for p, t in zip(pred, truth)]
+    )
     np.testing.assert_allclose(dice_per_image(pred, truth), loop)
+    np.testing.assert_allclose(mean_dice(list(pred), list(truth)), loop.mean())
     np.testing.assert_allclose(
         dice_per_image_torch(torch.from_numpy(pred), torch.from_numpy(truth)).numpy(), loop, rtol=1e-6
     )

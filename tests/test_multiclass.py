@@ -1,8 +1,8 @@
-"""Multi-class: VOC and Cityscapes-style layouts, nearest-neighbour masks, class-id PNG prediction and
-scoring, and every architecture end to end (``pipeline.train`` -> ``submit`` / ``predict``) on CPU.
+"""Multi-class: VOC and Cityscapes-style layouts, nearest-neighbour masks, and every architecture end
+to end (``pipeline.train`` -> ``submit`` / ``predict``) on CPU. The class-id PNGs of ``pipeline.predict``
+and their scoring are in test_predict.py and test_score.py.
 
-The data: a tiny 3-class VOC-layout set generated here (palette PNGs with classes 0/1/2 and a 255
-"void" border around every object; training images 64x64, validation images of varying sizes).
+The data: a tiny 3-class VOC-layout set (tests/voc_data.py).
 """
 
 from __future__ import annotations
@@ -14,88 +14,27 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_OVERRIDES
 from PIL import Image
+from voc_data import FAST, VAL_SIZES, draw_scene, make_voc, multi_cfg, save_palette_png, voc_cfg
 
-from pipeline import predict, score, submit, train
-from pipeline.config import ConfigError, DataConfig, load_config
+from pipeline import predict, submit, train
+from pipeline.config import DataConfig, load_config
 from pipeline.data import DataError, Split, build_transforms
-from pipeline.infer import load_manifest
 from pipeline.layouts import (
     LAYOUTS,
     LabelPngs,
-    foreground_fraction,
     read_colormap,
     read_source,
     voc_colors,
 )
-from pipeline.metrics import confusion_matrix
+from pipeline.runs import load_manifest, run_data_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-COLORMAP = {
-    "classes": [
-        {"id": 0, "name": "background", "color": [0, 0, 0]},
-        {"id": 1, "name": "roof", "color": [200, 40, 40]},
-        {"id": 2, "name": "pool", "color": [40, 40, 200]},
-    ],
-    "ignore_index": 255,
-}
-VAL_SIZES = ((64, 64), (64, 64), (60, 72), (48, 80))
-
-
-def draw_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """An image uint8 [h, w, 3] and its mask uint8 [h, w]: a red square (1), a blue disk (2), void rims."""
-    img = rng.integers(60, 100, (h, w, 3)).astype(np.uint8)
-    mask = np.zeros((h, w), np.uint8)
-    yy, xx = np.mgrid[:h, :w]
-    for cls, color in ((1, (200, 40, 40)), (2, (40, 40, 200))):
-        cy, cx, r = rng.integers(12, h - 12), rng.integers(12, w - 12), rng.integers(6, 11)
-        if cls == 1:
-            inside = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
-            rim = (abs(yy - cy) <= r + 1) & (abs(xx - cx) <= r + 1) & ~inside
-        else:
-            d2 = (yy - cy) ** 2 + (xx - cx) ** 2
-            inside, rim = d2 <= r * r, (d2 <= (r + 1.5) ** 2) & (d2 > r * r)
-        mask[rim & (mask == 0)] = 255
-        mask[inside] = cls
-        img[inside] = color
-    return img, mask
-
-
-def save_palette_png(path: Path, mask: np.ndarray) -> None:
-    im = Image.fromarray(mask, mode="P")
-    im.putpalette([v for c in voc_colors() for v in c])
-    im.save(path)
-
-
-def make_voc(root: Path, n_train: int = 8, val_sizes=VAL_SIZES, seed: int = 0, colormap: bool = True) -> Path:
-    """A VOC-layout folder: JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/*.txt."""
-    rng = np.random.default_rng(seed)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    ids = []
-    for i, (h, w) in enumerate([(64, 64)] * n_train + list(val_sizes)):
-        img, mask = draw_scene(rng, h, w)
-        ids.append(f"2007_{i:06d}")
-        Image.fromarray(img).save(root / "JPEGImages" / f"{ids[-1]}.jpg", quality=95)
-        save_palette_png(root / "SegmentationClass" / f"{ids[-1]}.png", mask)
-    lists = root / "ImageSets" / "Segmentation"
-    (lists / "train.txt").write_text("\n".join(ids[:n_train]) + "\n")
-    if ids[n_train:]:
-        (lists / "val.txt").write_text("\n".join(ids[n_train:]) + "\n")
-    if colormap:
-        (root / "colormap.json").write_text(json.dumps(COLORMAP))
-    return root
 
 
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory) -> Path:
     return make_voc(tmp_path_factory.mktemp("voc") / "VOC")
-
-
-def voc_cfg(root: Path) -> DataConfig:
-    return DataConfig(root=str(root), layout="voc", colormap_json="colormap.json")
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -237,8 +176,8 @@ def test_colormap_errors_say_what_to_fix(tmp_path, classes, match):
 def test_foreground_fraction_ignores_void_pixels():
     masks = [np.array([[0, 1], [2, 255]], np.uint8), np.full((2, 2), 255, np.uint8)]
     split = Split(["a", "b"], [Path("a"), Path("b")], masks)
-    np.testing.assert_allclose(foreground_fraction(split, 255), [2 / 3, 0.0])
-    np.testing.assert_allclose(foreground_fraction(split), [3 / 4, 1.0])
+    np.testing.assert_allclose(split.foreground_fraction(255), [2 / 3, 0.0])
+    np.testing.assert_allclose(split.foreground_fraction(), [3 / 4, 1.0])
 
 
 # ----------------------------------------------------------------------------- masks stay class ids
@@ -265,90 +204,6 @@ def test_training_augmentation_never_invents_class_ids(voc_root):
     edge = np.zeros((16, 16), np.uint8)
     edge[:, 8:] = 2
     assert 1 in np.unique(cv2.resize(edge, (13, 13), interpolation=cv2.INTER_LINEAR))
-
-
-# ----------------------------------------------------------------------------- metrics and PNGs
-
-
-def test_metrics_report_known_answer():
-    cm = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # rows = truth; class 2 absent everywhere
-    r = score.metrics_report(cm, ["bg", "a", "b"])
-    assert r["pixel_accuracy"] == pytest.approx(5 / 6)
-    assert r["mean_pixel_accuracy"] == pytest.approx((3 / 4 + 1) / 2)
-    assert [c["iou"] for c in r["per_class"]] == [pytest.approx(3 / 4), pytest.approx(2 / 3), None]
-    assert r["mean_iou"] == pytest.approx((3 / 4 + 2 / 3) / 2)
-    assert r["fw_iou"] == pytest.approx(4 / 6 * 3 / 4 + 2 / 6 * 2 / 3)
-    assert r["per_class"][1]["dice"] == pytest.approx(4 / 5)
-    assert r["per_class"][0]["truth_pixels"] == 4 and r["per_class"][1]["pred_pixels"] == 3
-    json.dumps(r, allow_nan=False)  # None, not NaN: standard JSON
-    text = score.format_report(r)
-    assert "mean IoU       0.7083" in text and "b" in text.splitlines()[-1]
-
-
-def test_binary_confusion_matches_the_general_matrix():
-    rng = np.random.default_rng(0)
-    p, t = rng.integers(0, 2, (70, 9, 11), dtype=np.uint8), rng.integers(0, 2, (70, 9, 11), dtype=np.uint8)
-    np.testing.assert_array_equal(score.binary_confusion(p, t), confusion_matrix(p, t, 2))
-
-
-def test_label_png_round_trip_keeps_ids_and_palette(tmp_path):
-    ids = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
-    path = predict.write_label_png(tmp_path / "sub" / "x.png", ids, [(0, 0, 0), (200, 40, 40), (40, 40, 200)])
-    with Image.open(path) as im:
-        assert im.mode == "P"
-        np.testing.assert_array_equal(np.asarray(im), ids)
-        assert im.getpalette()[:9] == [0, 0, 0, 200, 40, 40, 40, 40, 200]
-        np.testing.assert_array_equal(np.asarray(im.convert("RGB"))[0, 1], [200, 40, 40])
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.png"]  # no temporary file left
-
-
-def test_size_groups_batch_same_sizes_and_pool_the_rest():
-    sizes = [(64, 64), (60, 72), (64, 64), (48, 80), (64, 64)]
-    groups = predict.size_groups(sizes, batch_size=8)
-    assert groups == [([0, 2, 4], 8), ([1, 3], 1)]
-    assert sorted(i for idx, _ in groups for i in idx) == list(range(5))
-
-
-def test_score_label_dir_against_truth(voc_root, tmp_path):
-    source = read_source(voc_cfg(voc_root), with_train=False)
-    colors = source.colors
-    for i, name in enumerate(source.test.names):  # perfect except one image predicted all background
-        truth = np.asarray(source.test.masks[i])
-        pred = np.where(truth == 255, 0, truth).astype(np.uint8) if i else np.zeros_like(truth)
-        predict.write_label_png(score.label_png_path(tmp_path, name), pred, colors)
-    r = score.score_label_dir(tmp_path, source.test, source.class_names, 255)
-    t0 = np.asarray(source.test.masks[0])
-    fg0 = int(((t0 == 1) | (t0 == 2)).sum())
-    assert r["n"] == 4
-    assert r["per_class"][0]["pred_pixels"] - r["per_class"][0]["truth_pixels"] == fg0
-    assert 0 < r["mean_iou"] < 1 and r["per_class"][1]["accuracy"] < 1
-    # the CLI: same numbers, written to <pred-dir>/metrics.json
-    rc = score.main(["--pred-dir", str(tmp_path), "--data", str(voc_root), "--layout", "voc",
-                     "--colormap", "colormap.json"])
-    assert rc == 0
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["mean_iou"] == pytest.approx(r["mean_iou"])
-    (tmp_path / "2007_000009.png").unlink()
-    with pytest.raises(DataError, match="1 of 4 predictions are missing"):
-        score.score_label_dir(tmp_path, source.test, source.class_names, 255)
-
-
-def test_class_prediction_figure_panels_and_legend():
-    rng = np.random.default_rng(0)
-    img, truth = draw_scene(rng, 48, 64)
-    pred = np.where(truth == 255, 0, truth).astype(np.uint8)
-    fig = predict.class_prediction_figure([img, img], [pred, pred * 0], [truth, truth],
-                                          [(0, 0, 0), (0, 255, 0), (255, 255, 0)], ["bg", "roof", "pool"],
-                                          names=["a", "b"])
-    assert len(fig.axes) == 8
-    assert [ax.get_title() for ax in fig.axes[:4]] == ["a", "overlay", "prediction", "truth"]
-    labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels == ["bg", "roof", "pool", "ignored"]
-    overlay = fig.axes[1].images[0].get_array()
-    assert (overlay[pred == 0] == img[pred == 0]).all()  # background is not tinted
-    assert not (overlay[pred == 1] == img[pred == 1]).all()
-    with pytest.raises(ValueError, match="2 images but 1 predictions"):
-        predict.class_prediction_figure([img, img], [pred], None, [(0, 0, 0)] * 3, ["a", "b", "c"])
 
 
 # ----------------------------------------------------------------------------- configs
@@ -383,7 +238,6 @@ ARCHS = {
 }
 SLOW_BINARY: set[str] = set()  # FCN-8s trains in both modes by default: it is the VOC tutorial
 SLOW_MULTI = {"unet-vgg16"}
-FAST = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=2", "infer.tta=none"]
 
 
 def _cases(slow: set[str]) -> list:
@@ -397,7 +251,7 @@ def test_binary_train_then_submit(arch, tiny_cfg, tmp_path):
     cfg = tiny_cfg(*FAST, *ARCHS[arch])
     run_dir = train.run(cfg, folds=[0])
     manifest = load_manifest(run_dir)
-    data = submit.run_data_config(manifest)
+    data = run_data_config(manifest.run_dir)
     result = submit.make_submission(manifest, data, tmp_path / "sub", num_workers=0)
     assert result.rows == 8 and result.path.is_file()  # validated inside make_submission
     assert 0 <= result.score["dice"] <= 1
@@ -411,24 +265,16 @@ def test_binary_train_then_submit(arch, tiny_cfg, tmp_path):
     assert out.metrics["confusion_matrix"] == m["confusion_matrix"]
 
 
-def _multi_cfg(voc_root: Path, tmp_path: Path, *extra: str):
-    return load_config(None, [
-        f"data.root={voc_root}", "data.layout=voc", "data.colormap_json=colormap.json", "model.classes=3",
-        "loss.ignore_index=255", f"train.runs_dir={tmp_path / 'runs'}", "name=voc", *TINY_OVERRIDES, *FAST,
-        *extra,
-    ])
-
-
 @pytest.mark.parametrize("arch", _cases(SLOW_MULTI))
 def test_multiclass_train_then_predict(arch, voc_root, tmp_path):
-    cfg = _multi_cfg(voc_root, tmp_path, *ARCHS[arch])
+    cfg = multi_cfg(voc_root, tmp_path, *ARCHS[arch])
     run_dir = train.run(cfg, folds=[0])
     with np.load(run_dir / "fold0" / "oof.npz") as z:
-        assert z["probs"].dtype == np.uint8 and set(np.unique(z["probs"])) <= {0, 1, 2}  # class ids
+        assert z["labels"].dtype == np.uint8 and set(np.unique(z["labels"])) <= {0, 1, 2}  # class ids
     manifest = load_manifest(run_dir)
     assert manifest.classes == 3
     out = tmp_path / "pred"
-    result = predict.predict_to_dir(manifest, submit.run_data_config(manifest), out, num_workers=0)
+    result = predict.predict_to_dir(manifest, run_data_config(manifest.run_dir), out, num_workers=0)
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == [f"2007_{i:06d}.png" for i in range(8, 12)]
     for (h, w), name in zip(VAL_SIZES, names):  # native size, class ids only, the run's palette
@@ -446,36 +292,14 @@ def test_multiclass_train_then_predict(arch, voc_root, tmp_path):
     assert np.sum(metrics["confusion_matrix"]) == labelled  # one matrix over all images, void excluded
 
 
-def test_predict_cli_writes_pngs_metrics_and_figure(voc_root, tmp_path, capsys):
-    run_dir = train.run(_multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "infer.tta=flip"), folds=[0])
-    out = tmp_path / "pred"
-    assert predict.main(["--run", str(run_dir), "--out", str(out), "--figure", "2", "--workers", "0"]) == 0
-    printed = capsys.readouterr().out
-    assert "mean IoU" in printed and "roof" in printed and "figure.png" in printed
-    assert (out / "figure.png").stat().st_size > 0
-    # The same PNGs scored by pipeline.score give the same numbers.
-    assert score.main(["--pred-dir", str(out), "--data", str(voc_root), "--colormap", "colormap.json"]) == 0
-    # A binary RLE submission is refused for a multi-class run, pointing at predict.
-    manifest = load_manifest(run_dir)
-    with pytest.raises(ConfigError, match="pipeline.predict"):
-        submit.make_submission(manifest, submit.run_data_config(manifest), tmp_path)
-
-
-def test_predict_refuses_data_with_other_classes(voc_root, tmp_path):
-    run_dir = train.run(_multi_cfg(voc_root, tmp_path, *ARCHS["fpn"]), folds=[0])
-    data = DataConfig(root=str(voc_root), layout="voc")  # 21 VOC classes, the run predicts 3
-    with pytest.raises(ConfigError, match="predicts 3 classes .* has 21"):
-        predict.predict_to_dir(load_manifest(run_dir), data, tmp_path / "p", num_workers=0)
-
-
 def test_multiclass_training_on_images_of_different_sizes(tmp_path):
     """VOC-like sizes: pad + crop batches them; the OOF score compares like with like (validation crop)."""
     root = make_voc(tmp_path / "VOC", n_train=0, val_sizes=[(60, 72), (64, 64), (48, 80), (72, 60)] * 2)
     lists = root / "ImageSets" / "Segmentation"
     (lists / "train.txt").write_text((lists / "val.txt").read_text())
-    with pytest.raises(train.TrainingError, match="4 different sizes .* set data.crop_size"):
-        train.run(_multi_cfg(root, tmp_path, *ARCHS["fpn"]), folds=[0])
-    run_dir = train.run(_multi_cfg(root, tmp_path, *ARCHS["fpn"], "data.crop_size=64"), folds=[0])
+    with pytest.raises(DataError, match="4 different sizes .* set data.crop_size"):
+        train.run(multi_cfg(root, tmp_path, *ARCHS["fpn"]), folds=[0])
+    run_dir = train.run(multi_cfg(root, tmp_path, *ARCHS["fpn"], "data.crop_size=64"), folds=[0])
     oof = load_manifest(run_dir).extra["oof"]
     assert 0 <= oof["oof_miou"] <= 1 and oof["n_oof"] == 4
     # Validation logs every confusion-matrix metric.
@@ -485,7 +309,7 @@ def test_multiclass_training_on_images_of_different_sizes(tmp_path):
 
 
 def test_train_checks_classes_and_ignore_index_against_the_layout(voc_root, tmp_path):
-    with pytest.raises(train.TrainingError, match="has 3 classes .* set model.classes=3"):
-        train.run(_multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "model.classes=5"), folds=[0])
-    with pytest.raises(train.TrainingError, match="set loss.ignore_index=255"):
-        train.run(_multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "loss.ignore_index=null"), folds=[0])
+    with pytest.raises(DataError, match="has 3 classes .* set model.classes=3"):
+        train.run(multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "model.classes=5"), folds=[0])
+    with pytest.raises(DataError, match="set loss.ignore_index=255"):
+        train.run(multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "loss.ignore_index=null"), folds=[0])

@@ -7,7 +7,6 @@ import pytest
 
 from pipeline.metrics import dice_per_image
 from pipeline.postprocess import (
-    _dice_from_counts,
     binarize,
     mean_dice_at,
     remove_small_components,
@@ -62,13 +61,6 @@ def test_uint8_and_float_give_the_same_masks() -> None:
         expected = binarize(f32, t, 3)
         assert np.array_equal(binarize(q, t, 3), expected), t
         assert np.array_equal(binarize(f16, t, 3), binarize(f16.astype(np.float32), t, 3)), t
-
-
-def test_dice_from_counts_known_answers_and_empty_empty() -> None:
-    # |P & T|, |P| + |T|: half-overlap 2 of 4 -> 2/3; empty/empty -> 1; FP on empty truth -> 0.
-    np.testing.assert_allclose(
-        _dice_from_counts(np.array([2, 0, 0, 0]), np.array([6, 0, 1, 1])), [2 / 3, 1, 0, 0]
-    )
 
 
 def _known_case() -> tuple[np.ndarray, np.ndarray]:

@@ -16,9 +16,11 @@ from PIL import Image
 from pipeline import postprocess, rle, submit, train
 from pipeline.config import ConfigError, load_config
 from pipeline.data import read_mask_csv
-from pipeline.infer import iter_predictions, load_ensemble, load_manifest, load_model, predict_batch
+from pipeline.infer import iter_predictions, load_ensemble, load_model, predict_batch
 from pipeline.io import save_yaml
 from pipeline.layouts import read_source
+from pipeline.runs import load_manifest
+from pipeline.tta import TTA_SETS
 from pipeline.validate import validate_submission
 
 
@@ -47,7 +49,7 @@ def test_single_model_is_an_ensemble_of_one(tiny_run, tmp_path):
     assert validate_submission(res.path, Path(cfg.data.root) / cfg.data.sample_csv, (64, 64)) == []
 
 
-@pytest.mark.parametrize("tta", ["none", "flip", "d4"])
+@pytest.mark.parametrize("tta", list(TTA_SETS))
 def test_submission_rows_in_sample_order_and_valid(tiny_run, tmp_path, tta):
     cfg, run = tiny_run
     res = submit.make_submission(load_manifest(run), cfg.data, tmp_path, tta=tta, device="cpu", num_workers=0)
@@ -63,7 +65,9 @@ def test_submission_rows_in_sample_order_and_valid(tiny_run, tmp_path, tta):
 def test_hot_path_equals_postprocess_of_averaged_probabilities(tiny_run):
     """Threshold on the device + components on the host == binarize() of the ensemble's probabilities."""
     cfg, run = tiny_run
-    manifest = dataclasses.replace(load_manifest(run), threshold=0.45, min_area=8)
+    loaded = load_manifest(run)
+    infer = dataclasses.replace(loaded.infer, threshold=0.45, min_area=8)
+    manifest = dataclasses.replace(loaded, infer=infer)
     models, _ = load_ensemble(manifest, torch.device("cpu"))
     test = read_source(cfg.data, with_train=False).test
     rows = dict(submit.predict_and_encode(models, test, "flip", 0.45, 8, torch.device("cpu"), 4, 0))
@@ -100,9 +104,14 @@ def test_disk_full_leaves_no_partial_submission(tiny_run, tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ({"checkpoints": []}, "'checkpoints' is empty"),
-        ({"tta": "d8"}, "tta must be one of"),
-        ({"threshold": "high"}, "could not convert|threshold"),
+        ({"checkpoints": []}, r"manifest.yaml: 'checkpoints' is empty; list at least one fold\*/best.pt"),
+        ({"tta": "d8"}, r"manifest.yaml: tta must be one of none, flip or d4, not 'd8'"),
+        ({"threshold": "high"}, r"manifest.yaml: manifest.threshold: expected a number, got 'high'"),
+        ({"threshold": 2.0}, r"manifest.yaml: threshold must be between 0 and 1 \(exclusive\), not 2.0"),
+        ({"threshold": float("nan")}, r"threshold must be between 0 and 1 \(exclusive\), not nan"),
+        ({"min_area": -5}, r"manifest.yaml: min_area must be >= 0 pixels, not -5"),
+        ({"batch_size": 0}, r"manifest.yaml: batch_size must be >= 1, not 0; fix the value by hand"),
+        ({"overlap": 600}, r"manifest.yaml: tile_size must be >= 32 and 0 <= overlap < tile_size"),
     ],
 )
 def test_hand_edited_manifest_errors(tiny_run, tmp_path, edit, message):

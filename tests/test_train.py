@@ -14,44 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import train
+from pipeline import engine, train
 from pipeline.config import save_config, to_dict
-from pipeline.data import IMAGE, MASK, SegDataset
 from pipeline.io import load_checkpoint, load_yaml
 from pipeline.layouts import read_source
-from pipeline.losses import build_loss
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_lr_schedule_known_values():
-    # warm-up: linear from base/warmup to base; then cosine to base*min_ratio at the last step.
-    assert train.lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
-    assert train.lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert train.lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert train.lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert train.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
-    assert train.lr_at(0, 100, 0, 2.0, 0.0) == pytest.approx(2.0)
-
-
-def test_one_batch_overfit(tiny_cfg):
-    """A model must be able to memorise one batch: the loss falls well below its start."""
-    cfg = tiny_cfg("aug.d4=false", "aug.shift_scale_rotate_p=0", "aug.color_p=0")
-    torch.manual_seed(0)
-    source = read_source(cfg.data, with_test=False)
-    ds = SegDataset(
-        source.train.subset([i for i in range(len(source.train)) if source.train.masks[i].any()][:4])
-    )
-    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
-    model = build_model(cfg)
-    loss_fn = build_loss(cfg.model, cfg.loss)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    step = train.TrainStep(model, model, loss_fn, opt, None, None, cfg, torch.device("cpu"))
-    model.train()
-    losses = [float(step(batch[IMAGE], batch[MASK], 3e-3)) for _ in range(60)]
-    assert losses[-1] < 0.35 * losses[0], losses[::10]
-    assert losses[-1] < 0.25
 
 
 def test_end_to_end_two_folds_then_submit(tiny_cfg, tmp_path):
@@ -85,7 +54,7 @@ def test_end_to_end_two_folds_then_submit(tiny_cfg, tmp_path):
     assert len(search) == len(cfg.infer.thresholds) * len(cfg.infer.min_areas)
     assert manifest["oof"]["oof_dice"] == pytest.approx(search["dice"].max())
 
-    from pipeline.infer import load_manifest
+    from pipeline.runs import load_manifest
     from pipeline.submit import make_submission
     from pipeline.validate import validate_submission
 
@@ -99,7 +68,7 @@ def test_end_to_end_two_folds_then_submit(tiny_cfg, tmp_path):
 def _interrupt_at(monkeypatch, at_call: int):
     """Make the n-th training step raise KeyboardInterrupt (as Ctrl-C would)."""
     calls = {"n": 0}
-    real = train.TrainStep.__call__
+    real = engine.TrainStep.__call__
 
     def step(self, *a, **k):
         calls["n"] += 1
@@ -107,7 +76,7 @@ def _interrupt_at(monkeypatch, at_call: int):
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(train.TrainStep, "__call__", step)
+    monkeypatch.setattr(engine.TrainStep, "__call__", step)
 
 
 def test_interrupt_then_resume_matches_uninterrupted(tiny_cfg, monkeypatch, tmp_path):
@@ -214,7 +183,8 @@ def _train_cli(cfg, tmp_path: Path, *launcher: str) -> list[str]:
     reason="gloo backend not available",
 )
 def test_two_process_ddp_matches_single_process_outputs(tiny_cfg, tmp_path):
-    """torchrun, 2 CPU processes (gloo): training runs, only rank 0 writes, outputs have the same shape."""
+    """torchrun, 2 CPU processes (gloo): only rank 0 writes; the validation metrics all-reduced over the two
+    ranks' shards equal one process validating the same weights on the whole fold."""
     single = train.run(tiny_cfg("train.epochs=1", "name=single"), folds=[0])
     cfg = tiny_cfg("train.epochs=1", "name=ddp", "train.batch_size=2")
     cmd = _train_cli(cfg, tmp_path, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -228,6 +198,24 @@ def test_two_process_ddp_matches_single_process_outputs(tiny_cfg, tmp_path):
     with np.load(single / "fold0/oof.npz") as a, np.load(ddp / "fold0/oof.npz") as b:
         assert a["probs"].shape == b["probs"].shape
         assert list(a["names"]) == list(b["names"])
+    # The numbers: one process evaluates the DDP run's best.pt (its only epoch) on fold 0's whole
+    # validation set; the sharded, all-reduced metrics of the DDP run must be the same numbers.
+    from pipeline.device import Dist
+    from pipeline.engine import evaluate
+    from pipeline.folds import load_folds
+
+    source = read_source(cfg.data, with_test=False)
+    folds_df = load_folds(ddp / "folds.csv", source.train.names)
+    data = engine.fold_data(cfg, source, folds_df, 0, Dist(), torch.device("cpu"))
+    model = build_model(cfg)
+    model.load_state_dict(load_checkpoint(ddp / "fold0/best.pt")["model"])
+    metrics, _ = evaluate(model, data.val_loader, None, cfg, torch.device("cpu"), Dist())
+    for key in ("val_dice", "val_iou", "val_acc"):
+        assert m_ddp[key].iloc[0] == pytest.approx(metrics[key], abs=1e-6), key  # float32 per image
+    # ... and the OOF file rank 0 wrote is exactly what one process predicts with those weights and TTA.
+    _, kept = evaluate(model, data.val_loader, None, cfg, torch.device("cpu"), Dist(), cfg.infer.tta, True)
+    with np.load(ddp / "fold0/oof.npz") as z:
+        np.testing.assert_array_equal(z["probs"], np.stack([kept[i] for i in range(len(kept))]))
     # Trained: the weights moved away from the initialisation (both ranks start from seed + fold).
     torch.manual_seed(cfg.train.seed + 0)
     init = build_model(cfg).state_dict()
@@ -240,6 +228,81 @@ def test_out_of_memory_suggests_a_smaller_batch(tiny_cfg, monkeypatch):
     def oom(self, *a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train.TrainStep, "__call__", oom)
+    monkeypatch.setattr(engine.TrainStep, "__call__", oom)
     with pytest.raises(train.TrainingError, match=r"out of memory at batch size 4: use train.batch_size=2"):
         train.run(tiny_cfg(), folds=[0])
+
+
+def _copy_of_demo(demo_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo data: these tests write DATA/folds.csv; the shared copy must not see it."""
+    import shutil
+
+    return Path(shutil.copytree(demo_root, tmp_path / "data"))
+
+
+def test_resume_keeps_the_runs_folds_when_data_folds_change(tiny_cfg, demo_root, tmp_path):
+    """`make folds` between two `make train` calls must not move a run's validation tiles."""
+    from pipeline.folds import make_folds
+
+    root = _copy_of_demo(demo_root, tmp_path)
+    cfg = tiny_cfg(f"data.root={root}", "train.epochs=1")
+    run_dir = train.run(cfg, folds=[0])
+    own = pd.read_csv(run_dir / "folds.csv")
+    names = sorted(own["name"])
+    # A different split written beside the data, as a later `make folds --seed 7` would.
+    other = make_folds(names, np.linspace(0, 0.5, len(names)), 2, seed=7)
+    assert set(other.loc[other["fold"] == 0, "name"]) != set(own.loc[own["fold"] == 0, "name"])
+    other.to_csv(root / "folds.csv", index=False)
+    run_dir = train.run(tiny_cfg(f"data.root={root}", "train.epochs=1"), folds=[0, 1])
+    assert pd.read_csv(run_dir / "folds.csv").equals(own), "the run's folds.csv was overwritten"
+    with np.load(run_dir / "fold0/oof.npz") as z:
+        assert set(z["names"]) == set(own.loc[own["fold"] == 0, "name"])
+
+
+def test_resume_on_edited_run_folds_is_refused(tiny_cfg, demo_root, tmp_path):
+    root = _copy_of_demo(demo_root, tmp_path)
+    cfg = tiny_cfg(f"data.root={root}", "train.epochs=2", "train.max_steps_per_epoch=1")
+    run_dir = Path(cfg.train.runs_dir) / "tiny"
+    _interrupt = {"n": 0}
+
+    def stop_after_first_epoch(self, epoch, t0):  # a run killed after its first epoch
+        real_end_epoch(self, epoch, t0)
+        _interrupt["n"] += 1
+        raise KeyboardInterrupt
+
+    real_end_epoch = train.FoldTrainer.end_epoch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.FoldTrainer, "end_epoch", stop_after_first_epoch)
+        with pytest.raises(SystemExit):
+            train.run(cfg, folds=[0])
+    folds = pd.read_csv(run_dir / "folds.csv")
+    folds["fold"] = 1 - folds["fold"]  # swap the two folds by hand
+    folds.to_csv(run_dir / "folds.csv", index=False)
+    with pytest.raises(train.TrainingError, match="trained on other folds .* Restore the run's folds.csv"):
+        train.run(cfg, folds=[0])
+
+
+def test_patience_stops_when_the_score_stalls(tiny_cfg, monkeypatch):
+    flat = {"val_loss": 1.0, "val_dice": 0.5, "val_iou": 0.4, "val_acc": 0.9}
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (dict(flat), {}))
+    monkeypatch.setattr(train, "write_oof", lambda *a, **k: None)
+    monkeypatch.setattr(train.tune, "tune_run", lambda *a, **k: {"n_oof": 0})
+    monkeypatch.setattr(train.tune, "format_table", lambda t: "")
+    cfg = tiny_cfg("train.epochs=6", "train.patience=2", "train.max_steps_per_epoch=1")
+    run_dir = train.run(cfg, folds=[0])
+    # epoch 1 sets the best; 2 and 3 do not improve it -> stop after 3 of 6
+    assert list(pd.read_csv(run_dir / "fold0/metrics.csv")["epoch"]) == [1, 2, 3]
+    free = train.run(tiny_cfg("name=free", "train.epochs=4", "train.max_steps_per_epoch=1"), folds=[0])
+    assert list(pd.read_csv(free / "fold0/metrics.csv")["epoch"]) == [1, 2, 3, 4]
+
+
+def test_ema_weights_are_what_best_pt_holds(tiny_cfg):
+    cfg = tiny_cfg("train.epochs=1", "train.ema=0.9")
+    run_dir = train.run(cfg, folds=[0])
+    best = load_checkpoint(run_dir / "fold0/best.pt")["model"]
+    last = load_checkpoint(run_dir / "fold0/last.pt")
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert set(best) == set(ema)
+    assert all(torch.equal(best[k], ema[k]) for k in best)
+    floats = [k for k, v in best.items() if v.is_floating_point() and "running" not in k]
+    assert any(not torch.equal(best[k], last["model"][k]) for k in floats), "EMA equals the raw weights"

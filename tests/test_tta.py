@@ -38,7 +38,7 @@ def _pixelwise_model(x: torch.Tensor) -> torch.Tensor:
     return (x[:, :1] * 2.0 - x[:, 1:2]).clone()
 
 
-@pytest.mark.parametrize("tta", ["none", "flip", "d4"])
+@pytest.mark.parametrize("tta", list(TTA_SETS))
 @pytest.mark.parametrize("merge_batch", [True, False])
 def test_equivariant_model_gives_the_single_prediction(tta: str, merge_batch: bool) -> None:
     x = torch.randn(3, 3, 8, 12, generator=torch.Generator().manual_seed(2))

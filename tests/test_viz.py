@@ -1,22 +1,18 @@
-"""pipeline.viz: exact pixel values of overlays, known answers for the statistics, figure structure,
-and run-folder reading with its errors."""
+"""pipeline.viz: exact pixel values of overlays and colour maps, figure structure."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from fake_runs import metrics_frame
+from fake_runs import source as fake_source
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline import rle, viz
-from pipeline.config import Config, DataConfig, save_config
-from pipeline.data import Split
-from pipeline.io import save_yaml
-from pipeline.layouts import Source
+from pipeline import viz
 
 # ----------------------------------------------------------------------------- arrays
 
@@ -73,119 +69,11 @@ def test_colorize_refuses_ids_without_colour() -> None:
         viz.colorize(np.array([[255]]), [(0, 0, 0)], ignore_index=None)
 
 
-def test_per_tile_dice_known_values() -> None:
-    pred = np.array([[[1, 1, 1, 1]], [[0, 0, 0, 0]], [[1, 0, 0, 0]], [[0, 0, 0, 0]]], dtype=np.uint8)
-    truth = np.array([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[0, 0, 0, 0]], [[0, 1, 0, 0]]], dtype=np.uint8)
-    # 2*2/(4+2); empty/empty = 1; FP only = 0; FN only = 0
-    assert np.allclose(viz.per_tile_dice(pred, truth), [2 / 3, 1.0, 0.0, 0.0])
-
-
-def _png(path: Path, array: np.ndarray) -> Path:
-    Image.fromarray(array).save(path)  # PNG: lossless, so the statistics are exact
-    return path
-
-
-def test_channel_stats_known_answer_with_unequal_sizes(tmp_path: Path) -> None:
-    a = np.zeros((2, 2, 3), dtype=np.uint8)
-    a[..., 0] = 255  # R = 1 on 4 pixels
-    a[..., 1] = 51  # G = 0.2 everywhere
-    b = np.zeros((1, 2, 3), dtype=np.uint8)  # 2 pixels, all 0
-    b[0, 1, 2] = 255  # B = 1 on one pixel
-    stats = viz.channel_stats([_png(tmp_path / "a.png", a), _png(tmp_path / "b.png", b)])
-    assert list(stats.index) == ["R", "G", "B"]
-    # R: 4 ones, 2 zeros -> mean 2/3, var 2/3 * 1/3; G: 4 x 0.2, 2 x 0 -> mean 0.8/6
-    p = 2 / 3
-    g = np.array([0.2] * 4 + [0.0] * 2)
-    bb = np.array([0] * 5 + [1.0])
-    assert np.allclose(stats["mean"], [p, g.mean(), bb.mean()])
-    assert np.allclose(stats["std"], [np.sqrt(p * (1 - p)), g.std(), bb.std()])
-
-
-def test_channel_stats_matches_numpy_on_random_images(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, size=(h, 5, 3), dtype=np.uint8) for h in (3, 7, 1)]
-    paths = [_png(tmp_path / f"{i}.png", im) for i, im in enumerate(images)]
-    pixels = np.concatenate([im.reshape(-1, 3) for im in images]) / 255.0
-    stats = viz.channel_stats(paths)
-    assert np.allclose(stats["mean"], pixels.mean(0)) and np.allclose(stats["std"], pixels.std(0))
-
-
-def test_pairwise_agreement_known_answer() -> None:
-    a = np.array([[[1, 1], [1, 1]], [[0, 0], [0, 0]]], dtype=bool)
-    b = np.array([[[1, 1], [0, 0]], [[0, 0], [0, 0]]], dtype=bool)
-    c = np.zeros_like(a)
-    df = viz.pairwise_agreement({"a": a, "b": b, "c": c})
-    assert list(df.index) == list(df.columns) == ["a", "b", "c"]
-    # a-b: tile 1 2*2/(4+2), tile 2 empty/empty = 1; a-c and b-c: 0 and 1
-    expected = np.array([[1, (2 / 3 + 1) / 2, 0.5], [(2 / 3 + 1) / 2, 1, 0.5], [0.5, 0.5, 1]])
-    assert np.allclose(df.to_numpy(), expected)
-
-
-def test_pairwise_agreement_needs_same_tiles() -> None:
-    with pytest.raises(ValueError, match="same tiles"):
-        viz.pairwise_agreement({"a": np.zeros((2, 4, 4), bool), "b": np.zeros((3, 4, 4), bool)})
-
-
-def test_fold_summary_counts() -> None:
-    folds = pd.DataFrame({"name": ["a", "b", "c", "d", "e"], "fold": [0, 1, 0, 1, 1]})
-    fractions = pd.Series({"a": 0.0, "b": 0.2, "c": 0.4, "d": 0.0, "e": 0.0})
-    s = viz.fold_summary(folds, fractions)
-    assert s.index.tolist() == [0, 1]
-    assert s["tiles"].tolist() == [2, 3] and s["empty"].tolist() == [1, 2]
-    assert np.allclose(s["mean_fraction"], [0.2, 0.2 / 3])
-
-
-def test_fold_summary_names_tiles_without_masks() -> None:
-    with pytest.raises(ValueError, match="zz"):
-        viz.fold_summary(pd.DataFrame({"name": ["a", "zz"], "fold": [0, 1]}), {"a": 0.1})
-
-
-def test_spread_sample_spans_the_range() -> None:
-    values = np.array([0.5, 0.0, 0.9, 0.1, 0.3])
-    idx = viz.spread_sample(values, 3)
-    assert values[idx].tolist() == [0.0, 0.3, 0.9]
-    assert sorted(viz.spread_sample(values, 10).tolist()) == [0, 1, 2, 3, 4]
-    assert viz.spread_sample(values, 0).size == 0
-
-
-def test_mask_summary_counts_empty_and_full() -> None:
-    masks = np.zeros((4, 2, 2), dtype=np.uint8)
-    masks[1] = 1
-    masks[2, 0, 0] = 1
-    s = viz.mask_summary(masks).iloc[0]
-    assert (s["tiles"], s["empty"], s["full"]) == (4, 2, 1)
-    assert s["mean_fraction"] == pytest.approx((1 + 0.25) / 4)
-
-
-def test_rle_roundtrip_flags_non_canonical_rows(tmp_path: Path) -> None:
-    m = np.zeros((4, 4), np.uint8)
-    m[1:3, 1] = 1
-    csv = tmp_path / "m.csv"
-    # b: two touching runs, a valid mask whose canonical form is one run "1 4"
-    csv.write_text(f"a.jpg\t{rle.encode(m)}\nb.jpg\t1 2 3 2\nc.jpg\t\n")
-    assert viz.rle_roundtrip_mismatches(csv, (4, 4)) == ["b.jpg"]
-
-
 # ----------------------------------------------------------------------------- figures
 
 
-def _metrics(k: int, epochs: int = 4) -> pd.DataFrame:
-    e = np.arange(1, epochs + 1)
-    return pd.DataFrame(
-        {
-            "epoch": e,
-            "train_loss": 1 / e,
-            "val_loss": 1.2 / e,
-            "val_dice": 0.5 + 0.1 * e - 0.01 * k,
-            "val_iou": 0.4 + 0.1 * e,
-            "lr": 1e-3,
-            "seconds": 1.0,
-        }
-    )
-
-
 def test_learning_curves_axes_and_lines() -> None:
-    fig = viz.learning_curves({0: _metrics(0), 1: _metrics(1), 2: _metrics(2)})
+    fig = viz.learning_curves({0: metrics_frame(0), 1: metrics_frame(1), 2: metrics_frame(2)})
     assert isinstance(fig, Figure)
     loss, dice = fig.axes
     assert len(loss.lines) == 6 and len(dice.lines) == 3  # train + val per fold; Dice per fold
@@ -194,7 +82,7 @@ def test_learning_curves_axes_and_lines() -> None:
     assert (
         loss.get_yscale() == "log"
     )  # positive losses: a log axis keeps early spikes from flattening the rest
-    negative = _metrics(0).assign(train_loss=-1.0)
+    negative = metrics_frame(0).assign(train_loss=-1.0)
     assert viz.learning_curves({0: negative}).axes[0].get_yscale() == "linear"
 
 
@@ -271,220 +159,8 @@ def test_save_figure_writes_a_png_atomically(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["d.png"]
 
 
-# ----------------------------------------------------------------------------- run folders
-
-H = W = 8
-
-
-def _masks(n: int) -> np.ndarray:
-    m = np.zeros((n, H, W), np.uint8)
-    for i in range(n):
-        m[i, : i + 1, :4] = 1  # tile i: (i + 1) x 4 building
-    m[0] = 0  # tile 0 empty
-    return m
-
-
-def _write_run(
-    root: Path, names: list[str], folds: list[int], probs: np.ndarray, threshold: float = 0.5
-) -> Path:
-    """A run folder in make train's layout: OOF files in reverse order so load_run's sorting is tested."""
-    root.mkdir(parents=True)
-    save_config(Config(name=root.name, data=DataConfig(root=str(root / "data"))), root / "config.yaml")
-    pd.DataFrame({"name": names, "fold": folds}).to_csv(root / "folds.csv", index=False)
-    for k in sorted(set(folds)):
-        d = root / f"fold{k}"
-        d.mkdir()
-        _metrics(k).to_csv(d / "metrics.csv", index=False)
-        idx = [i for i, f in enumerate(folds) if f == k][::-1]
-        np.savez_compressed(d / "oof.npz", names=np.array([names[i] for i in idx]), probs=probs[idx])
-    pd.DataFrame({"threshold": [0.5], "min_area": [0], "dice": [0.9]}).to_csv(
-        root / "threshold_search.csv", index=False
-    )
-    save_yaml(
-        root / "manifest.yaml",
-        {
-            "run": root.name,
-            "checkpoints": ["fold0/best.pt"],
-            "threshold": threshold,
-            "min_area": 0,
-            "oof": {"oof_dice": 0.5},
-        },
-    )
-    return root
-
-
-@pytest.fixture
-def small_run(tmp_path: Path) -> tuple[Path, Split]:
-    names = [f"t{i}.png" for i in range(5)]
-    truths = _masks(5)
-    probs = (truths * 200).astype(np.uint8)
-    probs[3] = 0  # tile 3 missed entirely -> Dice 0
-    run = _write_run(tmp_path / "run", names, [0, 1, 0, 1, 0], probs)
-    images = tmp_path / "images"
-    images.mkdir()
-    paths = [_png(images / n, np.zeros((H, W, 3), np.uint8)) for n in names]
-    return run, Split(names, paths, truths)
-
-
-def test_load_run_reads_and_sorts(small_run: tuple[Path, Split]) -> None:
-    run = viz.load_run(small_run[0])
-    assert run.name == "run" and sorted(run.metrics) == [0, 1]
-    assert run.oof_names.tolist() == [f"t{i}.png" for i in range(5)]
-    assert run.oof_folds.tolist() == [0, 1, 0, 1, 0]
-    assert run.oof_probs.shape == (5, H, W) and run.oof_probs.dtype == np.uint8
-    assert np.array_equal(run.oof_probs[2] > 0, _masks(5)[2] > 0), "probabilities must follow their names"
-    assert (run.threshold, run.min_area, run.oof_dice) == (0.5, 0, 0.5)
-    assert run.config["name"] == "run" and list(run.threshold_search.columns) == [
-        "threshold",
-        "min_area",
-        "dice",
-    ]
-    assert viz.run_data_config(run, "elsewhere").root == "elsewhere"
-    assert viz.run_data_config(small_run[0]).root.endswith("data")
-
-
-@pytest.mark.parametrize(
-    ("remove", "message"),
-    [
-        ("manifest.yaml", "manifest.yaml not found"),
-        ("folds.csv", "folds.csv not found"),
-        ("fold1/oof.npz", "fold 1 has not finished"),
-        ("threshold_search.csv", "threshold_search.csv not found"),
-    ],
-)
-def test_load_run_missing_file_says_train_first(
-    small_run: tuple[Path, Split], remove: str, message: str
-) -> None:
-    (small_run[0] / remove).unlink()
-    with pytest.raises(viz.RunError, match=message) as e:
-        viz.load_run(small_run[0])
-    assert "make train" in str(e.value)
-
-
-def test_load_run_errors(tmp_path: Path, small_run: tuple[Path, Split]) -> None:
-    with pytest.raises(viz.RunError, match="make train"):
-        viz.load_run(tmp_path / "absent")
-    run = small_run[0]
-    folds = pd.read_csv(run / "folds.csv")
-    folds.loc[folds["name"] == "t1.png", "fold"] = 0  # t1 predicted by fold 1 but now belongs to fold 0
-    folds.to_csv(run / "folds.csv", index=False)
-    with pytest.raises(viz.RunError, match=r"t1.png \(fold 0\)"):
-        viz.load_run(run)
-    pd.DataFrame({"epoch": [1]}).to_csv(run / "fold0" / "metrics.csv", index=False)
-    with pytest.raises(viz.RunError, match="lacks columns"):
-        viz.load_run(run)
-
-
-def test_evaluate_oof_scores_and_tables(small_run: tuple[Path, Split]) -> None:
-    run_dir, train = small_run
-    # the split lists tiles in another order than the run's sorted names: evaluation must align them
-    order = [4, 2, 0, 3, 1]
-    shuffled = train.subset(order)
-    ev = viz.evaluate_oof(viz.load_run(run_dir), shuffled)
-    assert ev.names.tolist() == [f"t{i}.png" for i in range(5)]
-    assert ev.dice.tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
-    assert [p.name for p in ev.image_paths] == ev.names.tolist()
-    by_fold = ev.by_fold()
-    assert by_fold.index.tolist() == ["0", "1", "all"]
-    assert by_fold["tiles"].tolist() == [3, 2, 5] and by_fold["dice"].tolist() == [1.0, 0.5, 0.8]
-    table = ev.table()
-    assert table.iloc[0]["name"] == "t3.png" and table.iloc[0]["pred_fraction"] == 0.0
-    # a threshold above every probability predicts nothing: only the empty tile scores
-    assert viz.evaluate_oof(viz.load_run(run_dir), train, threshold=0.9).dice.tolist() == [1, 0, 0, 0, 0]
-    fig = viz.worst_tiles_gallery(ev, 2)
-    assert fig.axes[0].get_title().startswith("t3.png (fold 1)  Dice 0.000")
-
-
-def test_evaluate_oof_names_tiles_missing_from_the_data(small_run: tuple[Path, Split]) -> None:
-    run_dir, train = small_run
-    with pytest.raises(viz.RunError, match="t4.png"):
-        viz.evaluate_oof(viz.load_run(run_dir), train.subset([0, 1, 2, 3]))
-
-
-def test_fold_test_agreement(small_run: tuple[Path, Split], monkeypatch: pytest.MonkeyPatch) -> None:
-    run_dir, train = small_run
-    run = viz.load_run(run_dir)
-    with pytest.raises(viz.Unavailable, match="checkpoints"):
-        viz.fold_test_agreement(run, train.image_paths)
-    run.manifest["checkpoints"] = ["fold0/best.pt", "fold1/best.pt"]
-    for c in run.manifest["checkpoints"]:
-        (run_dir / c).write_bytes(b"")
-    import pipeline.infer
-
-    p = np.zeros((2, H, W), np.float32)
-    p[:, :2] = 0.7
-    q = p.copy()
-    q[1] = 0.4  # below the manifest threshold 0.5 in tile 1: fold 1 predicts it empty
-    calls = []
-
-    def fake_predict_folds(manifest_path, image_paths, tta="none"):
-        calls.append((Path(manifest_path).name, len(image_paths), tta))
-        return {1: q, 0: p}
-
-    monkeypatch.setattr(pipeline.infer, "predict_folds", fake_predict_folds)
-    df = viz.fold_test_agreement(run, train.image_paths[:2])
-    assert calls == [("manifest.yaml", 2, "none")]
-    assert df.index.tolist() == ["fold 0", "fold 1"]
-    assert df.loc["fold 0", "fold 1"] == pytest.approx(0.5)  # tile 0 identical, tile 1 all vs nothing
-
-
-# ----------------------------------------------------------------------------- data and submissions
-
-
-def _source(tmp_path: Path) -> Source:
-    masks = _masks(4)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    names = [f"s{i}.png" for i in range(4)]
-    paths = [_png(folder / n, np.full((H, W, 3), 9, np.uint8)) for n in names]
-    train = Split(names[:3], paths[:3], masks[:3])
-    test = Split(names[3:], paths[3:], None)
-    return Source(train, test, ["background", "building"])
-
-
-def test_data_overview(tmp_path: Path) -> None:
-    df = viz.data_overview(_source(tmp_path))
-    assert df.index.tolist() == ["train", "test"]
-    assert df.loc["train", ["tiles", "height", "width", "empty"]].tolist() == [3, H, W, 1]
-    assert df.loc["train", "mean_fraction"] == pytest.approx((0 + 8 + 12) / 3 / 64)
-    assert np.isnan(df.loc["test", "empty"])
-
-
-def test_load_submission_checks_names_and_order(tmp_path: Path) -> None:
-    test = _source(tmp_path).train  # three tiles with known masks
-    masks = np.asarray(test.masks)
-    rows = [f"{n}\t{rle.encode(m)}\n" for n, m in zip(test.names, masks)]
-    good = tmp_path / "good.csv"
-    good.write_text("".join(rows))
-    assert np.array_equal(viz.load_submission(good, test), masks)
-    swapped = tmp_path / "swapped.csv"
-    swapped.write_text("".join([rows[1], rows[0], rows[2]]))
-    with pytest.raises(ValueError, match="row 1 is s1.png but the sample submission has s0.png"):
-        viz.load_submission(swapped, test)
-    short = tmp_path / "short.csv"
-    short.write_text("".join(rows[:2]))
-    with pytest.raises(ValueError, match=r"1 missing \(s2.png\)"):
-        viz.load_submission(short, test)
-    with pytest.raises(ValueError, match="no test split"):
-        viz.load_submission(good, None)
-
-
-def test_resolve_submission_newest_or_explicit(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="make submit"):
-        viz.resolve_submission("", tmp_path)
-    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
-    old.write_text("")
-    new.write_text("")
-    (tmp_path / "new.csv.score.json").write_text("{}")
-    os.utime(old, (1_000, 1_000))
-    assert viz.resolve_submission("", tmp_path) == new
-    assert viz.resolve_submission(old, tmp_path) == old
-    with pytest.raises(FileNotFoundError):
-        viz.resolve_submission(tmp_path / "missing.csv")
-
-
 def test_split_grid_draws_the_chosen_tiles(tmp_path: Path) -> None:
-    source = _source(tmp_path)
+    source = fake_source(tmp_path)
     fig = viz.split_grid(source.train, [2, 0])
     assert [ax.get_title() for ax in fig.axes[::3]] == ["s2.png", "s0.png"]
     with pytest.raises(ValueError, match="this split has none"):

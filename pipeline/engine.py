@@ -1,0 +1,385 @@
+"""The training engine: one optimisation step, a fold's datasets, sampler and loaders, validation, signals.
+
+``pipeline.train`` orchestrates folds with these pieces; the benchmarks (``bench/``) assemble the very
+same step with :func:`build_training`, so a measured step is the step that trains.
+
+Resumability rests on two facts kept here: the learning rate is a pure function of the global step
+(:func:`lr_at`), and the epoch order is a function of (seed, epoch) that can skip what was already
+seen (:class:`ResumableSampler`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pipeline import tta
+from pipeline.config import Config
+from pipeline.data import IMAGE, INDEX, MASK, SegDataset, build_transforms
+from pipeline.device import Dist, all_reduce_sum, autocast_ctx, default_workers
+from pipeline.layouts import Source
+from pipeline.losses import build_loss
+from pipeline.metrics import (
+    all_metrics,
+    confusion_matrix_torch,
+    dice_per_image_torch,
+    iou_per_image_torch,
+    pixel_accuracy,
+)
+from pipeline.models import build_model
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to change."""
+
+
+# ----------------------------------------------------------------------------- schedule, sampling, loading
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay from ``base`` to ``base * min_ratio``.
+
+    A pure function of the global step: resuming needs no scheduler state.
+    """
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (also for one process) whose epoch order can skip the first ``skip`` samples.
+
+    The order is a function of (seed, epoch), so skipping the samples already seen before an
+    interruption resumes exactly where the run stopped.
+    """
+
+    def __init__(self, dataset: Any, d: Dist, seed: int):
+        super().__init__(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        it = super().__iter__()
+        for _ in range(self.skip):
+            next(it)
+        return it
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def make_loader(
+    ds: SegDataset, cfg: Config, device: torch.device, sampler: Any = None, batch_size: int = 0
+) -> DataLoader:
+    """DataLoader, pinned memory on CUDA; persistent workers (the epoch reaches them via shared memory)."""
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers()
+    return DataLoader(
+        ds,
+        batch_size=batch_size or cfg.train.batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=sampler is not None,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=workers > 0,  # forking workers every (sub-second) epoch would idle the GPU
+    )
+
+
+class Interrupted(Exception):
+    """Raised from the signal handler so the loop can save at the current step."""
+
+
+@contextlib.contextmanager
+def save_on_signal() -> Iterator[None]:
+    """Turn SIGTERM (cluster pre-emption, `kill`) into the same path as Ctrl-C: save, then exit."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. inside a notebook worker): keep default handling
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def progress_bar(total: int, initial: int, desc: str, d: Dist) -> Any:
+    """tqdm on rank 0 when stderr is a terminal (or BUILDSEG_PROGRESS=1); None elsewhere."""
+    if not d.main:
+        return None
+    from tqdm import tqdm  # not tqdm.auto: it warns in Jupyter without ipywidgets
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not sys.stderr.isatty() and os.environ.get("BUILDSEG_PROGRESS") != "1",
+    )
+
+
+@dataclass
+class FoldData:
+    """One fold's datasets and loaders (validation sharded over ranks without padding)."""
+
+    train_ds: SegDataset
+    val_ds: SegDataset
+    sampler: ResumableSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+def fold_data(
+    cfg: Config, source: Source, folds_df: pd.DataFrame, fold: int, d: Dist, device: torch.device
+) -> FoldData:
+    fold_of = dict(zip(folds_df["name"], folds_df["fold"]))
+    train_idx = [i for i, n in enumerate(source.train.names) if fold_of[n] != fold]
+    val_idx = [i for i, n in enumerate(source.train.names) if fold_of[n] == fold]
+    if not val_idx or not train_idx:
+        raise TrainingError(
+            f"fold {fold} has {len(train_idx)} training and {len(val_idx)} validation tiles; "
+            f"folds.csv has folds {sorted(set(fold_of.values()))}"
+        )
+    train_split, val_split = source.train.subset(train_idx), source.train.subset(val_idx)
+    crop, ignore = cfg.data.crop_size, cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
+    train_ds = SegDataset(
+        train_split, build_transforms(cfg.aug, True, crop, ignore), seed=cfg.train.seed + fold
+    )
+    val_ds = SegDataset(val_split, build_transforms(cfg.aug, False, crop, ignore))
+    sampler = ResumableSampler(train_ds, d, seed=cfg.train.seed + fold)
+    if len(sampler) < cfg.train.batch_size:
+        raise TrainingError(
+            f"fold {fold}: {len(train_split)} training tiles per process is less than one batch of "
+            f"{cfg.train.batch_size}; lower train.batch_size"
+        )
+    shard = val_ds
+    if d.world > 1:  # each rank validates its own tiles; sums are all-reduced (no tile counts twice)
+        shard = SegDataset(val_split.subset(range(d.rank, len(val_split), d.world)), val_ds.transform)
+    return FoldData(
+        train_ds,
+        val_ds,
+        sampler,
+        make_loader(train_ds, cfg, device, sampler),
+        make_loader(shard, cfg, device),
+    )
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+class TrainStep:
+    """One optimisation step (forward, loss, backward, clip, step, EMA); shared with the benchmark.
+
+    Non-finite losses are detected without a host sync per step: the first bad global step is
+    recorded on the device and :meth:`check_finite` (called every few steps) raises naming it.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        fwd: torch.nn.Module,
+        loss_fn: Any,
+        optimizer: torch.optim.Optimizer,
+        scaler: Any,
+        ema: Any,
+        cfg: Config,
+        device: torch.device,
+    ):
+        self.model, self.fwd, self.loss_fn, self.optimizer = model, fwd, loss_fn, optimizer
+        self.scaler, self.ema, self.cfg, self.device = scaler, ema, cfg, device
+        self.channels_last = device.type == "cuda" and cfg.train.channels_last
+        # Step counter on the device: creating a tensor from a host int each step would sync.
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # set to the global step on resume
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """x: uint8 [B, 3, H, W], y: uint8 [B, H, W] (host or device). Returns the detached loss."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_ctx(self.device, self.cfg.train.amp):
+            loss = self.loss_fn(self.fwd(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        loss = loss.detach()
+        self.step += 1
+        first_bad = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first_bad, self.step, self.bad_step)
+        self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
+        return loss
+
+    def check_finite(self, fold: int, epoch: int) -> None:
+        bad = int(self.bad_step)
+        if bad >= 0:
+            raise TrainingError(
+                f"fold {fold}: loss is {float(self.bad_loss)} at global step {bad} (epoch {epoch + 1}); "
+                "lower "
+                f"optim.lr (now {self.cfg.optim.lr}), set optim.grad_clip=1.0, or check that batch's inputs. "
+                "last.pt holds the state of the last finished epoch"
+            )
+
+
+def build_training(
+    cfg: Config, device: torch.device, d: Dist | None = None, pretrained: bool = True
+) -> TrainStep:
+    """Model, loss, AdamW (no weight decay on norms and biases), fp16 scaler, EMA, DDP and compile wrappers.
+
+    The one place a training step is assembled: ``train_fold`` and the benchmarks share it.
+    """
+    d = d or Dist()
+    model = build_model(cfg, pretrained=pretrained).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.optim.lr,
+        fused=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.train.amp == "fp16" else None
+    ema = None
+    if cfg.train.ema > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True
+        )
+    net: torch.nn.Module = model
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    fwd = torch.compile(net) if cfg.train.compile else net
+    loss_fn = build_loss(cfg.model, cfg.loss).to(device)
+    return TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device)
+
+
+# ----------------------------------------------------------------------------- validation
+
+# The validation metric that picks the best epoch (and early-stops), by task. Each name is the
+# metrics.csv column that holds exactly that metric: a binary run selects on the competition's
+# mean per-image Dice, a multi-class run on mIoU (one confusion matrix over all pixels).
+MONITORS: dict[bool, str] = {True: "val_dice", False: "val_miou"}
+
+
+def monitor_key(cfg: Config) -> str:
+    """The metrics.csv column the run selects its best epoch on (``val_dice`` or ``val_miou``)."""
+    return MONITORS[cfg.model.classes == 1]
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: Any | None,
+    cfg: Config,
+    device: torch.device,
+    d: Dist,
+    tta_name: str = "none",
+    keep_probs: bool = False,
+) -> tuple[dict[str, float], dict[int, np.ndarray]]:
+    """Validation loss, competition Dice (mean per image, empty/empty = 1) and IoU at threshold 0.5.
+
+    With a TTA set other than ``none`` (the out-of-fold pass) the model runs once per view and no loss
+    is computed (``val_loss`` is NaN): one forward of the plain view would be work done twice.
+
+    Binary adds pixel accuracy; multi-class logs pixel accuracy, mean pixel accuracy, mIoU, FW IoU and
+    mean Dice, all from one confusion matrix (see :data:`MONITORS` for the selection key). Sums are
+    all-reduced over ranks. With ``keep_probs`` returns {dataset index: uint8 [H, W] probability*255}
+    (binary) or class ids (multi-class) for the out-of-fold file.
+    """
+    model.eval()
+    binary = cfg.model.classes == 1
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, dice, iou, n
+    k = max(2, cfg.model.classes)
+    cm = torch.zeros(k, k, dtype=torch.int64, device=device)
+    kept: dict[int, np.ndarray] = {}
+    for batch in loader:
+        x = batch[IMAGE].to(device, non_blocking=True)
+        y = batch[MASK].to(device, non_blocking=True)
+        with autocast_ctx(device, cfg.train.amp):
+            if tta_name == "none":
+                logits = model(x)
+                loss = (
+                    loss_fn(logits, y).detach()
+                    if loss_fn is not None
+                    else torch.full((), float("nan"), device=device)
+                )
+                probs = torch.sigmoid(logits.float()) if binary else torch.softmax(logits.float(), 1)
+            else:  # the out-of-fold pass: probabilities exactly as the submission makes them, no loss
+                probs = tta.predict_tta(model, x, tta_name, "sigmoid" if binary else "softmax")
+                loss = torch.full((), float("nan"), device=device)
+        n = x.shape[0]
+        if binary:
+            pred = probs[:, 0] > 0.5
+            valid = y != cfg.loss.ignore_index if cfg.loss.ignore_index is not None else None
+            truth = y == 1
+            if valid is not None:
+                pred, truth = pred & valid, truth & valid
+            sums[1] += dice_per_image_torch(pred, truth).sum()
+            sums[2] += iou_per_image_torch(pred, truth).sum()
+            cm += confusion_matrix_torch(pred.long(), y.long(), 2, ignore_index=cfg.loss.ignore_index)
+        else:
+            pred = probs.argmax(1)
+            cm += confusion_matrix_torch(pred, y.long(), k, ignore_index=cfg.loss.ignore_index)
+        sums[0] += loss.double() * n  # stays on the device: no sync per batch
+        sums[3] += n
+        if keep_probs:
+            out = (probs[:, 0] * 255).round().to(torch.uint8) if binary else pred.to(torch.uint8)
+            for i, arr in zip(batch[INDEX].tolist(), out.cpu().numpy()):
+                kept[i] = arr
+    all_reduce_sum(sums, d)
+    all_reduce_sum(cm, d)
+    n = max(1.0, float(sums[3]))
+    metrics = {"val_loss": float(sums[0]) / n}
+    cm_np = cm.cpu().numpy()
+    if binary:
+        metrics["val_dice"] = float(sums[1]) / n
+        metrics["val_iou"] = float(sums[2]) / n
+        metrics["val_acc"] = float(pixel_accuracy(cm_np))
+    else:
+        cmm = all_metrics(cm_np)
+        metrics["val_miou"] = cmm["mean_iou"]
+        metrics["val_acc"] = cmm["pixel_accuracy"]
+        metrics["val_mean_acc"] = cmm["mean_pixel_accuracy"]
+        metrics["val_fw_iou"] = cmm["fw_iou"]
+        metrics["val_mdice"] = cmm["mean_dice"]
+    return metrics, kept

@@ -1,0 +1,199 @@
+"""Tune post-processing on the out-of-fold predictions and write the run's ensemble manifest.
+
+    python -m pipeline.tune --run runs/<run> [--data DIR] [infer.thresholds=[0.4,0.5] ...]   # make tune
+
+Training ends with this step; running it alone re-tunes a finished run without retraining (a new
+threshold grid, a moved data folder). Binary runs: the threshold x minimum-component-area grid of
+``infer.thresholds`` x ``infer.min_areas`` is searched on every fold's ``oof.npz`` at once, the table
+goes to ``threshold_search.csv``, the best pair to ``manifest.yaml`` *and* into every ``best.pt``, so
+a single checkpoint is self-sufficient. Multi-class runs: OOF mIoU and pixel accuracy (argmax needs
+no threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import postprocess
+from pipeline.config import Config, ConfigError, load_config, to_dict
+from pipeline.data import DataError, build_transforms
+from pipeline.engine import monitor_key
+from pipeline.io import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, save_yaml
+from pipeline.layouts import Source, read_source
+from pipeline.metrics import confusion_matrix, mean_iou, pixel_accuracy
+from pipeline.runs import OOF_KEYS, latest_run
+
+
+class TuneError(RuntimeError):
+    """Nothing to tune on; the message says what to run first."""
+
+
+def read_oof(run_dir: Path, binary: bool) -> tuple[list[str], np.ndarray, dict[int, tuple[int, int]]]:
+    """Every fold's ``oof.npz`` of ``run_dir``: names [N], arrays uint8 [N, H, W], fold -> (start, end)."""
+    files = sorted(run_dir.glob("fold*/oof.npz"))
+    if not files:
+        raise TuneError(f"no out-of-fold files in {run_dir}; train at least one fold (make train)")
+    key = OOF_KEYS[binary]
+    names: list[str] = []
+    arrays, spans = [], {}
+    for f in files:
+        with np.load(f) as z:
+            if key not in z:
+                raise TuneError(f"{f} holds {sorted(z.keys())}, not '{key}'; retrain this fold")
+            fold_names, arr = [str(n) for n in z["names"]], z[key]
+        spans[int(f.parent.name.removeprefix("fold"))] = (len(names), len(names) + len(fold_names))
+        names += fold_names
+        arrays.append(arr)
+    return names, np.concatenate(arrays), spans
+
+
+def tune_binary(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
+    """Search threshold and min component area on every fold's OOF file; write the search table."""
+    names, probs, spans = read_oof(run_dir, binary=True)
+    truths = np.asarray(source.train.select(names, f"OOF tiles of {run_dir}").masks)
+    result = postprocess.search_threshold(probs, truths, cfg.infer.thresholds, cfg.infer.min_areas)
+    with atomic_write(run_dir / "threshold_search.csv", "w") as f:
+        result.table.to_csv(f, index=False)
+    rows = {}
+    for fold, (a, b) in sorted(spans.items()):
+        at_half = postprocess.mean_dice_at(probs[a:b], truths[a:b], 0.5, 0)
+        tuned = postprocess.mean_dice_at(probs[a:b], truths[a:b], result.threshold, result.min_area)
+        rows[fold] = {"n": b - a, "dice@0.5": at_half, "dice@tuned": tuned}
+    return {
+        "threshold": float(result.threshold),
+        "min_area": int(result.min_area),
+        "oof_dice": float(result.dice),
+        "oof_dice@0.5": postprocess.mean_dice_at(probs, truths, 0.5, 0),
+        "per_fold": rows,
+        "n_oof": len(names),
+    }
+
+
+def tune_multiclass(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
+    """mIoU and pixel accuracy of the OOF class ids from one confusion matrix.
+
+    With ``data.crop_size`` the OOF predictions are of the validation view (pad + centre crop), so each
+    truth goes through the same transform first; images may differ in size (VOC).
+    """
+    names, preds, _ = read_oof(run_dir, binary=False)
+    ignore = cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
+    view = build_transforms(cfg.aug, False, cfg.data.crop_size, ignore)
+    k = cfg.model.classes
+    cm = np.zeros((k, k), dtype=np.int64)
+    truths = source.train.select(names, f"OOF tiles of {run_dir}").masks
+    for i, pred in enumerate(preds):
+        truth = np.asarray(truths[i])
+        if view is not None:
+            truth = view(image=np.zeros((*truth.shape, 3), np.uint8), mask=truth)["mask"]
+        cm += confusion_matrix(pred, truth, k, ignore_index=cfg.loss.ignore_index)
+    return {
+        "threshold": None,
+        "min_area": None,
+        "oof_miou": float(mean_iou(cm)),
+        "oof_pixel_accuracy": float(pixel_accuracy(cm)),
+        "per_fold": {},
+        "n_oof": len(names),
+    }
+
+
+def best_scores(run_dir: Path, monitor: str) -> dict[int, float]:
+    """Best validation score per fold, from each ``fold<k>/metrics.csv``'s ``monitor`` column."""
+    out = {}
+    for f in sorted(run_dir.glob("fold*/metrics.csv")):
+        df = pd.read_csv(f)
+        if monitor in df.columns and len(df):
+            out[int(f.parent.name.removeprefix("fold"))] = float(df[monitor].max())
+    return out
+
+
+def write_manifest(cfg: Config, run_dir: Path, tuned: dict[str, Any]) -> Path:
+    """The ensemble description ``make submit`` reads (editable by hand); the tuned values also go into
+    every listed ``best.pt``."""
+    ckpts = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("fold*/best.pt"))
+    threshold = tuned["threshold"] if tuned["threshold"] is not None else cfg.infer.threshold
+    min_area = tuned["min_area"] if tuned["min_area"] is not None else cfg.infer.min_area
+    infer = to_dict(cfg.infer)
+    manifest = {
+        "run": run_dir.name,
+        "data_root": cfg.data.root,
+        "checkpoints": ckpts,
+        "tta": cfg.infer.tta,
+        "threshold": threshold,
+        "min_area": min_area,
+        **{k: infer[k] for k in ("batch_size", "tile_size", "overlap")},
+        "classes": cfg.model.classes,
+        "oof": {k: v for k, v in tuned.items() if k not in ("threshold", "min_area")},
+    }
+    save_yaml(run_dir / "manifest.yaml", manifest)
+    for c in ckpts:
+        state = load_checkpoint(run_dir / c)
+        state["threshold"], state["min_area"] = threshold, min_area
+        save_checkpoint(run_dir / c, state)
+    return run_dir / "manifest.yaml"
+
+
+TUNERS = {True: tune_binary, False: tune_multiclass}
+
+
+def tune_run(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
+    """Tune ``run_dir`` on ``source``'s training masks and write its manifest; returns the results
+    (with ``best``: the best validation score per fold, for :func:`format_table`)."""
+    tuned = TUNERS[cfg.model.classes == 1](cfg, source, run_dir)
+    write_manifest(cfg, run_dir, tuned)
+    return {**tuned, "best": best_scores(run_dir, monitor_key(cfg)), "monitor": monitor_key(cfg)}
+
+
+def format_table(tuned: dict[str, Any]) -> str:
+    """The table ``make train`` and ``make tune`` end with: per fold and overall OOF scores."""
+    best = tuned.get("best", {})
+    if "oof_miou" in tuned:
+        return (
+            "fold  best val mIoU\n"
+            + "\n".join(f"{k:>4}  {v:13.4f}" for k, v in sorted(best.items()))
+            + f"\nout-of-fold ({tuned['n_oof']} images): mIoU {tuned['oof_miou']:.4f}, "
+            f"pixel accuracy {tuned['oof_pixel_accuracy']:.4f}"
+        )
+    lines = ["fold      n   val_dice(best)  oof_dice@0.5  oof_dice@tuned"]
+    for fold, row in sorted(tuned.get("per_fold", {}).items()):
+        b = f"{best[fold]:14.4f}" if fold in best else f"{'-':>14}"
+        lines.append(f"{fold:>4} {row['n']:>6} {b}  {row['dice@0.5']:12.4f}  {row['dice@tuned']:14.4f}")
+    lines.append(
+        f" all {tuned['n_oof']:>6} {'':>14}  {tuned['oof_dice@0.5']:12.4f}  {tuned['oof_dice']:14.4f}"
+    )
+    lines.append(f"threshold {tuned['threshold']:.2f}, min_area {tuned['min_area']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="", help="a run folder (default: the newest run in runs/)")
+    p.add_argument("--data", default="", help="data folder (default: the run's data.root)")
+    p.add_argument("overrides", nargs="*", help="infer.key=value, e.g. infer.thresholds=[0.4,0.5,0.6]")
+    a = p.parse_args(argv)
+    try:
+        run_dir = Path(a.run) if a.run else latest_run()
+        not_infer = [o for o in a.overrides if not o.startswith("infer.")]
+        if not_infer:
+            raise ConfigError(f"make tune changes only infer.* settings, not {not_infer}; retrain for those")
+        cfg = load_config(
+            run_dir / "config.yaml", [*a.overrides, *([f"data.root={a.data}"] if a.data else [])]
+        )
+        source = read_source(cfg.data, with_test=False)
+        tuned = tune_run(cfg, source, run_dir)
+    except (ConfigError, DataError, TuneError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(tuned))
+    print(f"manifest: {run_dir / 'manifest.yaml'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

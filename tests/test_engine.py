@@ -1,0 +1,96 @@
+"""The training engine: schedule known values, one-batch overfit, EMA, gradient clipping, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import engine
+from pipeline.data import IMAGE, MASK, SegDataset
+from pipeline.layouts import read_source
+from pipeline.losses import build_loss
+from pipeline.models import build_model
+
+
+def test_lr_schedule_known_values():
+    # warm-up: linear from base/warmup to base; then cosine to base*min_ratio at the last step.
+    assert engine.lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert engine.lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert engine.lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert engine.lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert engine.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert engine.lr_at(0, 100, 0, 2.0, 0.0) == pytest.approx(2.0)
+
+
+def test_one_batch_overfit(tiny_cfg):
+    """A model must be able to memorise one batch: the loss falls well below its start."""
+    cfg = tiny_cfg("aug.d4=false", "aug.shift_scale_rotate_p=0", "aug.color_p=0")
+    torch.manual_seed(0)
+    source = read_source(cfg.data, with_test=False)
+    ds = SegDataset(
+        source.train.subset([i for i in range(len(source.train)) if source.train.masks[i].any()][:4])
+    )
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    model = build_model(cfg)
+    loss_fn = build_loss(cfg.model, cfg.loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    step = engine.TrainStep(model, model, loss_fn, opt, None, None, cfg, torch.device("cpu"))
+    model.train()
+    losses = [float(step(batch[IMAGE], batch[MASK], 3e-3)) for _ in range(60)]
+    assert losses[-1] < 0.35 * losses[0], losses[::10]
+    assert losses[-1] < 0.25
+
+
+
+
+def _batch_and_step(tiny_cfg, *overrides: str):
+    cfg = tiny_cfg("aug.d4=false", "aug.shift_scale_rotate_p=0", "aug.color_p=0", *overrides)
+    torch.manual_seed(0)
+    source = read_source(cfg.data, with_test=False)
+    ds = SegDataset(source.train.subset(range(4)))
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    step = engine.build_training(cfg, torch.device("cpu"), pretrained=False)
+    step.model.train()
+    return batch, step
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+    return float(torch.cat(grads).norm())
+
+
+def test_grad_clip_bounds_the_gradient_norm(tiny_cfg):
+    batch, free = _batch_and_step(tiny_cfg)
+    free(batch[IMAGE], batch[MASK], 1e-3)
+    assert _grad_norm(free.model) > 0.05  # so the bound below is a real constraint
+    batch, clipped = _batch_and_step(tiny_cfg, "optim.grad_clip=0.05")
+    clipped(batch[IMAGE], batch[MASK], 1e-3)
+    assert _grad_norm(clipped.model) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_ema_follows_the_weights_by_its_decay(tiny_cfg):
+    batch, step = _batch_and_step(tiny_cfg, "train.ema=0.5")
+    expected = None
+    for _ in range(3):
+        step(batch[IMAGE], batch[MASK], 1e-3)
+        now = {k: v.detach().clone() for k, v in step.model.state_dict().items() if v.is_floating_point()}
+        # AveragedModel: the first update copies, later ones blend decay * ema + (1 - decay) * weights
+        expected = now if expected is None else {k: 0.5 * expected[k] + 0.5 * now[k] for k in now}
+    ema = step.ema.module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(ema[k], v, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(ema[k], step.model.state_dict()[k]) for k in expected)
+
+
+def test_monitor_names_the_metric_it_holds(tiny_cfg):
+    assert engine.monitor_key(tiny_cfg()) == "val_dice"
+    assert engine.monitor_key(tiny_cfg("model.classes=3")) == "val_miou"
+
+
+def test_interrupt_signal_raises_in_the_loop():
+    import os
+    import signal
+
+    with pytest.raises(engine.Interrupted, match="SIGTERM"), engine.save_on_signal():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
