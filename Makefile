@@ -10,7 +10,11 @@ DATA   ?= data/demo
 CONFIG ?= configs/default.yaml
 FOLDS  ?=
 GPUS   ?= 1
+NODES  ?= 1
+NODE_RANK ?= 0
+MASTER ?= 127.0.0.1:29500
 RESUME ?= 1
+FORCE  ?= 0
 RUN    ?=
 TTA    ?=
 ARGS   ?=
@@ -23,7 +27,7 @@ DATA_ARG = $(if $(filter command line environment environment override,$(origin 
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-data folds train tune submit score validate check-data test test-all lint bench \
-        bench-accuracy bench-models lab report predict predict-scene clean
+        bench-accuracy bench-models bench-scale bench-footprints lab report predict predict-scene footprints clean
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,28 +57,39 @@ check-data: $(STAMP) ## report every problem of a data folder (DATA=...)
 tune: $(STAMP) ## re-tune a trained run's threshold/min-area on its OOF files, no retraining (RUN= ARGS="infer.thresholds=[..]")
 	$(PY) -m pipeline.tune $(if $(RUN),--run $(RUN)) $(DATA_ARG) $(ARGS)
 
-train: $(STAMP) ## train all folds (DATA= CONFIG= FOLDS=0,1 GPUS=N RESUME=0|1 ARGS="train.epochs=3")
-	$(if $(filter 1,$(GPUS)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS)) \
-	  -m pipeline.train --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) \
-	  $(if $(filter 0,$(RESUME)),--no-resume) data.root=$(DATA) $(ARGS)
+# One process, or torchrun: on one machine (--standalone) or on NODES machines through torchrun's
+# static rendezvous at MASTER=host:port (node 0 holds global rank 0, which writes the run folder).
+LAUNCH = $(if $(and $(filter 1,$(GPUS)),$(filter 1,$(NODES))),$(PY),$(VENV)/bin/torchrun \
+  $(if $(filter 1,$(NODES)),--standalone,--nnodes=$(NODES) --node_rank=$(NODE_RANK) \
+  --master_addr=$(word 1,$(subst :, ,$(MASTER))) --master_port=$(word 2,$(subst :, ,$(MASTER)))) \
+  --nproc_per_node=$(GPUS))
+
+train: $(STAMP) ## train all folds (DATA= CONFIG= FOLDS=0,1 GPUS=N NODES=M NODE_RANK=k MASTER=host:port RESUME=0|1 FORCE=1 ARGS=)
+	$(LAUNCH) -m pipeline.train --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) \
+	  $(if $(filter 0,$(RESUME)),--no-resume) $(if $(filter 1,$(FORCE)),--force) data.root=$(DATA) $(ARGS)
 
 submit: $(STAMP) ## predict the test tiles with the newest run (RUN= DATA= TTA=none|flip|d4) and validate
 	$(PY) -m pipeline.submit $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
 	  $(if $(TTA),--tta $(TTA))
 
-validate: $(STAMP) ## check a submission file (SUBMISSION=... DATA=...)
+validate: $(STAMP) ## check a submission (SUBMISSION=, default the newest; DATA=: its sample and tile size)
 	$(PY) -m pipeline.validate $(SUBMISSION) --sample $(DATA)/test_a_samplesubmit.csv
 
 predict: $(STAMP) ## class-id PNGs (+ metrics.json with truth) for a run's test split, any layout (RUN= DATA= TTA=)
 	$(PY) -m pipeline.predict $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
 	  $(if $(TTA),--tta $(TTA)) --figure 8
 
-score: $(STAMP) ## metrics of the newest submission (SUBMISSION=) or of PNGs (PRED=dir DATA= LAYOUT=voc|cityscapes)
+score: $(STAMP) ## metrics of the newest submission (SUBMISSION=), of PNGs (PRED=dir DATA= LAYOUT=) or of FOOTPRINTS=x.gpkg TRUTH=
 	$(if $(PRED),$(PY) -m pipeline.score --pred-dir $(PRED) --data $(DATA) --layout $(LAYOUT) \
-	  $(if $(COLORMAP),--colormap $(COLORMAP)),$(PY) -m pipeline.score $(SUBMISSION) --truth $(DATA)/test_a_mask.csv)
+	  $(if $(COLORMAP),--colormap $(COLORMAP)),$(if $(FOOTPRINTS),$(PY) -m pipeline.score --footprints $(FOOTPRINTS) \
+	  --truth $(TRUTH),$(PY) -m pipeline.score $(SUBMISSION) --truth $(DATA)/test_a_mask.csv))
 
 predict-scene: $(STAMP) ## sliding-window prediction of a large scene (SCENE=big.tif OUT=mask.tif RUN=runs/x)
 	$(PY) -m pipeline.infer scene --run $(RUN) --scene $(SCENE) --out $(OUT)
+
+footprints: $(STAMP) ## building polygons (MASK=mask.tif, or SCENE=big.tif RUN=runs/x; OUT=buildings.gpkg|.geojson|.fgb)
+	$(PY) -m pipeline.footprints $(if $(MASK),--mask $(MASK),--scene $(SCENE) $(if $(RUN),--run $(RUN))) \
+	  --out $(or $(OUT),buildings.gpkg) $(ARGS)
 
 report: $(STAMP) ## write the notebooks' figures as PNG to runs/<run>/report (RUN=runs/x DATA=...)
 	$(PY) -m pipeline.report $(or $(RUN),runs/demo) --data $(DATA)
@@ -103,6 +118,12 @@ bench-models: $(STAMP) ## every architecture: parameters, GPU train/infer img/s 
 
 bench-accuracy: $(STAMP) ## GPU: default recipe on ../shared/data/buildings-real -> bench/results/accuracy.json
 	$(PY) -m bench.accuracy --data $(if $(DATA_ARG),$(DATA),../shared/data/buildings-real)
+
+bench-footprints: $(STAMP) ## vectorise a generated 10,000^2 mask (~20,000 buildings) -> bench/results/footprints.json
+	$(PY) -m bench.footprints
+
+bench-scale: $(STAMP) ## CPU stages at 1k..30k generated 512 px tiles -> bench/results/scale.json (long: ~1 h)
+	$(PY) -m bench.scale $(ARGS)
 
 clean: ## remove runs, caches and generated demo data (keeps .venv)
 	rm -rf runs data/demo .cache .pytest_cache

@@ -209,6 +209,18 @@ if test.masks is not None:
     display(viz.worst_tiles_gallery(scores, WORST))
 else:
     print(f"no {DataConfig().test_mask_csv} in {DATA}: nothing to score against")"""),
+    ("md", """\
+## Buildings, not pixels
+
+Buildings (8-connected components) matched one to one at IoU >= 0.5, SpaceNet's rule: precision,
+recall and F1, by size. Below, the tiles with the most building errors: outlines green for matched
+predictions (TP), red for predictions without a match (FP), blue dashed for missed buildings (FN)."""),
+    ("code", """\
+if test.masks is not None:
+    from pipeline import buildings, viz_buildings
+
+    print(buildings.format_report(analysis.building_scores(scores)))
+    display(viz_buildings.building_outlines(analysis.building_panels(scores, WORST)))"""),
 ]
 
 NOTEBOOKS = {

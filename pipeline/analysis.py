@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import postprocess, rle
+from pipeline import buildings, postprocess, rle
 from pipeline.data import DataError, Split, image_size, read_image, read_mask_csv
 from pipeline.layouts import Source
 from pipeline.metrics import dice_per_image
@@ -245,6 +245,32 @@ def score_tiles(truth: Split, preds: np.ndarray, **extra: Any) -> TileScores:
         image_paths=list(truth.image_paths),
         **extra,
     )
+
+
+def building_scores(scores: TileScores) -> dict[str, Any]:
+    """Per-building precision, recall and F1 of the predictions (:func:`pipeline.buildings.score_masks`)."""
+    return buildings.score_masks(scores.preds, scores.truths)
+
+
+def building_panels(scores: TileScores, k: int = 6) -> list[Any]:
+    """Outline panels (:class:`pipeline.viz_buildings.OutlinePanel`) of the ``k`` tiles with the most
+    building errors (FP + FN; ties in tile order), for :func:`pipeline.viz_buildings.building_outlines`."""
+    from pipeline.vectorize import tile_polygons  # polygons need shapely/GEOS: only here
+    from pipeline.viz_buildings import OutlinePanel
+
+    matches = [buildings.match_masks(p, t) for p, t in zip(scores.preds, scores.truths)]
+    errors = np.array([(~m.pred_matched).sum() + (~m.truth_matched).sum() for m in matches])
+    return [
+        OutlinePanel(
+            str(scores.names[i]),
+            read_image(scores.image_paths[i]),
+            tile_polygons(scores.preds[i]),
+            matches[i].pred_matched,
+            tile_polygons(scores.truths[i]),
+            matches[i].truth_matched,
+        )
+        for i in np.argsort(-errors, kind="stable")[:k]
+    ]
 
 
 def evaluate_oof(

@@ -15,9 +15,10 @@ What is checked:
 * Folders: listed images that are missing (with a hint when the name differs only in case,
   extension or Unicode normalisation), images that are not listed (warning), non-ASCII file names
   (warning).
-* Images (:mod:`pipeline.check_images`): unreadable files, truncated JPEGs (no end-of-image
-  marker, or the decoder runs out of data), tiles of the wrong size, and modes that ``read_image``
-  converts (grayscale, palette, RGBA, 16-bit: warning).
+* Images (:mod:`pipeline.check_images`, every tile decoded fully once): unreadable files, truncated
+  JPEGs (no end-of-image marker, or any decoder warning such as data cut short before the marker),
+  tiles of another size than the first (or ``data.image_size``; non-square sets are fine), and
+  modes that ``read_image`` converts (grayscale, palette, RGBA, 16-bit: warning).
 
 Only layouts whose registry entry is ``checkable`` are checked (:func:`pipeline.layouts.layout`).
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 from pipeline.check_images import inspect_image
 from pipeline.config import DataConfig
 from pipeline.data import DataError, list_images
+from pipeline.errors import cli
 from pipeline.layouts import layout
 
 # The scanner and the RLE check live with the format; pipeline.validate imports them from here too.
@@ -89,7 +91,9 @@ class _Checker:
     """Checks one data folder into ``report``; images are inspected once even when two CSVs list them."""
 
     def __init__(self, root: Path, size: int, report: Report):
-        self.root, self.size, self.report = root, size, report
+        # (H, W) every tile must have: data.image_size (square), else that of the first tile read.
+        self.root, self.report = root, report
+        self.shape: tuple[int, int] | None = (size, size) if size else None
         self.sizes: dict[Path, tuple[int, int] | None] = {}  # (H, W) per inspected image; None: unreadable
         self.folder_names: dict[str, list[str]] = {}  # checked folder -> image file names
 
@@ -126,15 +130,14 @@ class _Checker:
         self.report.errors += check.errors
         if check.size is not None:
             h, w = check.size
-            if not self.size and h == w:  # size 0: the first square tile sets the size all must have
-                self.size = h
-            s = self.size
-            if (h, w) != (s, s):
+            self.shape = self.shape or (h, w)
+            eh, ew = self.shape
+            if (h, w) != self.shape:
                 self.report.error(
                     where,
-                    f"tile is {h}x{w} (HxW) but {s}x{s} is expected",
-                    f"re-export the tile at {s}x{s}; or, if every tile is {h}x{w}, pass --size / set "
-                    "data.image_size to match",
+                    f"tile is {h}x{w} (HxW) but {eh}x{ew} is expected",
+                    f"re-export the tile at {eh}x{ew}: every tile of a data set must have one size"
+                    + (" (data.image_size / --size sets it; 0 takes the first tile's)" if eh == ew else ""),
                     "wrong-size",
                 )
         self.report.warnings += check.warnings
@@ -195,7 +198,7 @@ class _Checker:
         """Validate every mask against its tile's actual size (expected size if unreadable); count empties."""
         empty = 0
         for r in rows:
-            shape = self.sizes.get(self.root / dir_name / r.name) or (self.size, self.size)
+            shape = self.sizes.get(self.root / dir_name / r.name) or self.shape or (0, 0)
             problem = rle_problem(r.rle, shape)
             if problem:
                 what, fix, code = problem
@@ -374,6 +377,7 @@ def require_clean(data_cfg: DataConfig, *, train: bool = True, test: bool = True
     return report
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.check_data", description=__doc__.splitlines()[0])
     d = DataConfig()

@@ -1,10 +1,11 @@
 """Inspect one tile for ``pipeline.check_data``: unreadable, truncated, odd mode, misleading extension.
 
-JPEGs are decoded at 1/8 scale, which still reads every compressed byte (so a cut file fails) but
-skips most of the pixel work: 560 tiles take well under a second. Not detected: scan data cut
-short but still ending in FFD9 (not what a cut copy produces; libjpeg only warns and fills the rest
-grey, and PIL does not surface the warning). The tile's size is returned, not judged: the expected
-size is the data set's (``check_data``).
+Every tile is decoded fully, once. JPEGs go through libjpeg-turbo (``simplejpeg``) with its warnings
+raised as errors: scan data cut short but still ending in an end-of-image marker makes libjpeg only
+warn and fill the rest grey, which PIL decodes without a word, and the tile would be trained on.
+Cost, one core: 0.76 s for 1,000 generated 512x512 tiles (0.49 s at the 1/8-scale decode used
+before), so about 23 s for 30k tiles, extrapolated; 0.37 s for the 448 real tiles. The tile's size
+is returned, not judged: the expected size is the data set's (``check_data``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ def jpeg_has_eoi(path: Path) -> bool:
     return tail.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
+def decode_problem(path: Path, im: Image.Image) -> str:
+    """"" if the whole image ``path`` (opened as ``im``) decodes cleanly, else what the decoder said.
+
+    JPEG: libjpeg-turbo with warnings as errors ("Corrupt JPEG data: premature end of data segment"
+    is a warning to libjpeg, which fills the missing blocks grey). Other formats: PIL's full decode.
+    """
+    try:
+        if im.format == "JPEG":
+            import simplejpeg
+
+            simplejpeg.decode_jpeg(path.read_bytes(), strict=True)
+        else:
+            im.load()
+    except Exception as e:  # the decoders' error types vary by format; all mean damaged data
+        return f"the decoder reports: {type(e).__name__}: {e}"
+    return ""
+
+
 def inspect_image(path: Path, where: str) -> ImageCheck:
     """Open and decode ``path``; problems are named ``where`` (e.g. ``train/t0.jpg``)."""
     remove = "re-export the tile, or delete it and its CSV row"
@@ -78,15 +97,9 @@ def inspect_image(path: Path, where: str) -> ImageCheck:
         damage = ""
         if fmt == "JPEG" and not jpeg_has_eoi(path):
             damage = "no end-of-image marker FFD9: the file was cut short"
-        try:
-            if fmt == "JPEG":
-                # Decode at 1/8 scale: libjpeg still reads every compressed byte, so a cut or
-                # broken file fails, but the inverse DCT and colour work shrink ~10x.
-                im.draft(mode, (max(1, w // 8), max(1, h // 8)))
-            im.load()
-        except Exception as e:  # the decoder's error types vary by format; all mean damaged data
-            damage = f"{damage}; " if damage else ""
-            damage += f"the decoder failed: {type(e).__name__}: {e}"
+        failed = decode_problem(path, im)
+        if failed:
+            damage = f"{damage}; {failed}" if damage else failed
     check = ImageCheck((h, w))
     if damage:
         check.errors.append(

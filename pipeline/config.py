@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.errors import BuildsegError
 from pipeline.io import atomic_write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(BuildsegError, ValueError):
     """A config file or override that cannot be applied; the message says how to fix it."""
 
 
@@ -133,6 +137,9 @@ class InferConfig:
     min_area: int = 0  # replaced by the OOF-tuned value in the manifest
     thresholds: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
     min_areas: tuple[int, ...] = (0, 16, 32, 64, 128, 256)
+    # Images in one forward pass, TTA views included: 16 tiles x 8 D4 views in one forward took
+    # 18 GB at 512 px on CPU. Bounds inference memory everywhere (OOF pass, submit, predict, scene).
+    max_images: int = 32
     tile_size: int = 512  # sliding-window prediction on large scenes
     overlap: int = 128
 
@@ -310,24 +317,106 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def _ge0(v: Any) -> bool:
+    return v >= 0
+
+
+def _prob(v: Any) -> bool:
+    return 0 <= v <= 1
+
+
+# Every setting's valid range, checked before any work (a negative rate would fail, or worse train,
+# hours later): (dotted key, test, what is allowed). A test is written so that NaN fails it.
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("model.classes", lambda v: v >= 1, ">= 1 (1 = binary buildings)"),
+    ("model.in_channels", lambda v: v >= 1, ">= 1"),
+    ("model.output_stride", lambda v: v in (8, 16), "8 or 16"),
+    ("model.decoder_channels", lambda v: 1 <= len(v) <= 5 and min(v) >= 1, "1 to 5 channel counts >= 1"),
+    ("data.n_folds", lambda v: v >= 2, ">= 2"),
+    ("data.num_workers", lambda v: v >= -1, ">= 0, or -1 for the cores available"),
+    ("data.image_size", _ge0, ">= 0 (0: every tile the size of the first)"),
+    ("data.crop_size", _ge0, ">= 0 (0: no crop)"),
+    ("data.std", lambda v: all(x > 0 for x in v), "> 0 for every channel"),
+    ("loss.ce_weight", _ge0, ">= 0"),
+    ("loss.dice_weight", _ge0, ">= 0"),
+    ("loss.ignore_index", lambda v: v is None or 0 <= v <= 255, "null or 0..255 (masks are 8-bit)"),
+    ("optim.lr", lambda v: 0 < v < math.inf, "> 0 (e.g. 1e-3)"),
+    ("optim.weight_decay", _ge0, ">= 0"),
+    ("optim.warmup_epochs", _ge0, ">= 0"),
+    ("optim.min_lr_ratio", _prob, "between 0 and 1"),
+    ("optim.grad_clip", _ge0, ">= 0 (0: off)"),
+    ("aug.shift_scale_rotate_p", _prob, "a probability, 0..1"),
+    ("aug.color_p", _prob, "a probability, 0..1"),
+    ("aug.shift_limit", _prob, "between 0 and 1 (a fraction of the tile)"),
+    ("aug.scale_limit", lambda v: 0 <= v < 1, ">= 0 and < 1"),
+    ("aug.rotate_limit", lambda v: 0 <= v <= 180, "0..180 degrees"),
+    ("aug.brightness_limit", _ge0, ">= 0"),
+    ("aug.contrast_limit", _ge0, ">= 0"),
+    ("aug.hue_shift_limit", _ge0, ">= 0"),
+    ("aug.sat_shift_limit", _ge0, ">= 0"),
+    ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.patience", _ge0, ">= 0 (0: off)"),
+    ("train.max_steps_per_epoch", _ge0, ">= 0 (0: the whole epoch)"),
+    ("train.ema", lambda v: 0 <= v < 1, ">= 0 and < 1 (0: off; e.g. 0.999)"),
+    ("train.amp", lambda v: v in ("bf16", "fp16", "none"), "bf16, fp16 or none"),
+    ("train.device", lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)), "auto, cpu, cuda or cuda:N"),
+]
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that the types alone cannot express."""
+    """Every value's range (:data:`_RANGES`), cross-field checks and the inference settings, all at once.
+
+    Called by :func:`load_config`, so a bad value stops a command before any folder is made. The model
+    registry (arch, encoder) is checked by :func:`pipeline.models.check_model`, which needs torch.
+    """
     problems = []
-    if cfg.model.classes < 1:
-        problems.append("model.classes must be >= 1 (1 = binary buildings)")
-    if cfg.data.n_folds < 2:
-        problems.append("data.n_folds must be >= 2")
-    if cfg.train.amp not in ("bf16", "fp16", "none"):
-        problems.append(f"train.amp must be bf16, fp16 or none, not {cfg.train.amp!r}")
+    for key, ok, allowed in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            problems.append(f"{key} must be {allowed}, not {value!r}")
     problems += infer_problems(cfg.infer, "infer.")
-    if cfg.model.output_stride not in (8, 16):
-        problems.append("model.output_stride must be 8 or 16")
-    if cfg.loss.ce_weight < 0 or cfg.loss.dice_weight < 0 or cfg.loss.ce_weight + cfg.loss.dice_weight == 0:
-        problems.append("loss.ce_weight and loss.dice_weight must be >= 0 and not both 0")
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        problems.append("train.epochs and train.batch_size must be >= 1")
+    if cfg.loss.ce_weight + cfg.loss.dice_weight == 0:
+        problems.append("loss.ce_weight and loss.dice_weight must not both be 0")
+    if not len(cfg.data.mean) == len(cfg.data.std) == cfg.model.in_channels:
+        problems.append(
+            "data.mean and data.std need one value per input channel "
+            f"(model.in_channels={cfg.model.in_channels})"
+        )
+    if cfg.name in (".", "..") or cfg.name.startswith(".") or any(c in cfg.name for c in "/\\"):
+        problems.append(f"name must be a plain folder name (no '/', not starting with '.'), not {cfg.name!r}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+# Sections a run may change between its start and a resume: they act only after training (the OOF pass
+# and tuning read the current values), so changing them must never make a user retrain.
+RESUME_FREE = ("infer",)
+
+
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] = RESUME_FREE
+) -> list[str]:
+    """The settings that differ between two configs saved by :func:`to_dict`, as ``key: old -> new``.
+
+    Sections in ``ignore`` are skipped. Both sides are completed with the defaults first, so a key
+    added to buildseg after a run was saved is not a change.
+    """
+
+    def full(d: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return to_dict(from_dict(Config, d))
+        except (ConfigError, TypeError):
+            return d
+
+    def walk(a: Any, b: Any, key: tuple[str, ...]) -> list[str]:
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return [] if a == b else [f"{'.'.join(key)}: {a!r} -> {b!r}"]
+        return [c for k in sorted(set(a) | set(b)) for c in walk(a.get(k), b.get(k), (*key, k))]
+
+    a, b = ({k: v for k, v in full(d or {}).items() if k not in ignore} for d in (old, new))
+    return walk(a, b, ())
 
 
 def infer_problems(infer: InferConfig, prefix: str = "infer.") -> list[str]:
@@ -351,6 +440,8 @@ def infer_problems(infer: InferConfig, prefix: str = "infer.") -> list[str]:
         problems.append(f"{prefix}min_areas must be a non-empty list of areas >= 0")
     if infer.batch_size < 1:
         problems.append(f"{prefix}batch_size must be >= 1, not {infer.batch_size}")
+    if infer.max_images < 1:
+        problems.append(f"{prefix}max_images must be >= 1 (images per forward), not {infer.max_images}")
     if infer.tile_size < 32 or not 0 <= infer.overlap < infer.tile_size:
         problems.append(
             f"{prefix}tile_size must be >= 32 and 0 <= overlap < tile_size "

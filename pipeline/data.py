@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from PIL import Image
 
 from pipeline import rle
 from pipeline.config import AugConfig
+from pipeline.errors import BuildsegError
+from pipeline.io import temp_prefix
 from pipeline.maskcsv import IMAGE_SUFFIXES, scan_csv
 
 # Batch keys: one spelling everywhere.
@@ -45,7 +48,7 @@ IMAGE, MASK, NAME, INDEX = "image", "mask", "name", "index"
 HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
-class DataError(ValueError):
+class DataError(BuildsegError, ValueError):
     """Input data that cannot be used; the message names the file/row and how to fix it."""
 
 
@@ -167,7 +170,9 @@ def decode_masks(
     path = cache_dir() / f"masks-{h.hexdigest()[:16]}-{n}x{shape[0]}x{shape[1]}-fw.u8"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, shape[1], shape[0]))
             rle.decode_many(rles, shape, out=out.transpose(0, 2, 1), source=source, names=names)
@@ -346,8 +351,14 @@ class SegDataset(torch.utils.data.Dataset):
             )
         if self.transform is not None:
             self.transform.set_random_seed(_sample_seed(self.seed, self.epoch, i))
+            shape = image.shape[:2]
             out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
             image, mask = out["image"], out.get("mask")
+            if image.shape[:2] != shape and image.shape[:2] == shape[::-1]:
+                # A D4 view that swaps the axes of a non-square tile (640x480): transposed back, it is
+                # one of the four views that keep the shape, so a batch keeps one size.
+                image = image.transpose(1, 0, 2)
+                mask = None if mask is None else mask.T
         item: dict[str, Any] = {
             IMAGE: torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             NAME: self.split.names[i],

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import rle
+from pipeline.errors import cli
 from pipeline.maskcsv import format_csv, scan_csv
 
 STAMP = ".demo_stamp"
@@ -442,6 +443,7 @@ def summary(out_dir: str | Path, size: int) -> str:
     )
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.demo_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder (default data/demo)")
@@ -455,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         generate(a.out, a.n_train, a.n_test, a.size, a.seed)
-    except (ValueError, FileExistsError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}: {summary(a.out, a.size)}")

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import BuildsegError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(BuildsegError, RuntimeError):
     """A device that cannot be used here; the message says which setting to change."""
 
 

@@ -3,19 +3,19 @@
 ``pipeline.train`` orchestrates folds with these pieces; the benchmarks (``bench/``) assemble the very
 same step with :func:`build_training`, so a measured step is the step that trains.
 
-Resumability rests on two facts kept here: the learning rate is a pure function of the global step
-(:func:`lr_at`), and the epoch order is a function of (seed, epoch) that can skip what was already
-seen (:class:`ResumableSampler`).
+Resumability rests on facts kept here: the learning rate and the model's random draws are pure
+functions of the global step (:func:`lr_at`, :func:`step_seed`), the epoch order is a function of
+(seed, epoch) that can skip what was already seen (:class:`ResumableSampler`), and a signal stops
+the loop only between two steps (:class:`StopRequest`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
-import sys
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from pipeline import tta
 from pipeline.config import Config
 from pipeline.data import IMAGE, INDEX, MASK, SegDataset, build_transforms
 from pipeline.device import Dist, all_reduce_sum, autocast_ctx, default_workers
+from pipeline.errors import BuildsegError
 from pipeline.layouts import Source
 from pipeline.losses import build_loss
 from pipeline.metrics import (
@@ -38,9 +39,10 @@ from pipeline.metrics import (
     pixel_accuracy,
 )
 from pipeline.models import build_model
+from pipeline.progress import progress
 
 
-class TrainingError(RuntimeError):
+class TrainingError(BuildsegError, RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
@@ -56,6 +58,13 @@ def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float) -> 
         return base * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_seed(seed: int, global_step: int, rank: int) -> int:
+    """The torch seed of one training step: the model's own randomness (dropout) is a function of
+    (seed, step, rank), like the learning rate, so a resumed run draws what an uninterrupted one would
+    without RNG state in the checkpoint."""
+    return zlib.crc32(f"{seed}:{global_step}:{rank}".encode())
 
 
 class ResumableSampler(DistributedSampler):
@@ -98,42 +107,54 @@ def make_loader(
 
 
 class Interrupted(Exception):
-    """Raised from the signal handler so the loop can save at the current step."""
+    """Ctrl-C or SIGTERM, raised by the loop between two steps (:meth:`StopRequest.check`)."""
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM as a request that the training loop honours between two steps.
+
+    A handler that raised at once would land anywhere: after ``optimizer.step()`` but before the step
+    was counted, or inside a forward pass whose BatchNorm layers had already updated their running
+    statistics. ``last.pt`` then held weights a step ahead of its counters, the resumed run repeated
+    that batch, and its metrics differed from an uninterrupted run's (a kill -9, which resumes from
+    the last epoch's checkpoint, did not). So the handler only records the signal, and :meth:`check`
+    raises :class:`Interrupted` where the loop calls it: after a step's bookkeeping, between epochs.
+    A second signal stops at once with ``KeyboardInterrupt``, without saving.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise Interrupted(self.signal)
 
 
 @contextlib.contextmanager
-def save_on_signal() -> Iterator[None]:
-    """Turn SIGTERM (cluster pre-emption, `kill`) into the same path as Ctrl-C: save, then exit."""
+def save_on_signal() -> Iterator[StopRequest]:
+    """Record SIGINT (Ctrl-C) and SIGTERM (cluster pre-emption, ``kill``) in the yielded
+    :class:`StopRequest` instead of raising; the previous handlers are restored on exit."""
+    request = StopRequest()
 
     def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+        if request.signal is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        request.signal = signal.Signals(signum).name
 
-    old = signal.getsignal(signal.SIGTERM)
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread (a notebook worker): default handling
+            old[sig] = signal.signal(sig, handler)
     try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. inside a notebook worker): keep default handling
-        old = None
-    try:
-        yield
+        yield request
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def progress_bar(total: int, initial: int, desc: str, d: Dist) -> Any:
-    """tqdm on rank 0 when stderr is a terminal (or BUILDSEG_PROGRESS=1); None elsewhere."""
-    if not d.main:
-        return None
-    from tqdm import tqdm  # not tqdm.auto: it warns in Jupyter without ipywidgets
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        leave=False,
-        dynamic_ncols=True,
-        disable=not sys.stderr.isatty() and os.environ.get("BUILDSEG_PROGRESS") != "1",
-    )
+    """Rank 0's progress for an epoch (:func:`pipeline.progress.progress`); None on the other ranks."""
+    return progress(total, desc, initial, unit="step") if d.main else None
 
 
 @dataclass
@@ -314,8 +335,8 @@ def evaluate(
     device: torch.device,
     d: Dist,
     tta_name: str = "none",
-    keep_probs: bool = False,
-) -> tuple[dict[str, float], dict[int, np.ndarray]]:
+    sink: Callable[[list[int], np.ndarray], None] | None = None,
+) -> dict[str, float]:
     """Validation loss, competition Dice (mean per image, empty/empty = 1) and IoU at threshold 0.5.
 
     With a TTA set other than ``none`` (the out-of-fold pass) the model runs once per view and no loss
@@ -323,15 +344,15 @@ def evaluate(
 
     Binary adds pixel accuracy; multi-class logs pixel accuracy, mean pixel accuracy, mIoU, FW IoU and
     mean Dice, all from one confusion matrix (see :data:`MONITORS` for the selection key). Sums are
-    all-reduced over ranks. With ``keep_probs`` returns {dataset index: uint8 [H, W] probability*255}
-    (binary) or class ids (multi-class) for the out-of-fold file.
+    all-reduced over ranks. ``sink(indices, arrays)``, if given, receives each batch's dataset indices
+    and uint8 [B, H, W] maps (``round(p * 255)`` binary, class ids multi-class): the out-of-fold file is
+    written batch by batch, never held whole.
     """
     model.eval()
     binary = cfg.model.classes == 1
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, dice, iou, n
     k = max(2, cfg.model.classes)
     cm = torch.zeros(k, k, dtype=torch.int64, device=device)
-    kept: dict[int, np.ndarray] = {}
     for batch in loader:
         x = batch[IMAGE].to(device, non_blocking=True)
         y = batch[MASK].to(device, non_blocking=True)
@@ -345,7 +366,8 @@ def evaluate(
                 )
                 probs = torch.sigmoid(logits.float()) if binary else torch.softmax(logits.float(), 1)
             else:  # the out-of-fold pass: probabilities exactly as the submission makes them, no loss
-                probs = tta.predict_tta(model, x, tta_name, "sigmoid" if binary else "softmax")
+                act = "sigmoid" if binary else "softmax"
+                probs = tta.predict_tta(model, x, tta_name, act, max_images=cfg.infer.max_images)
                 loss = torch.full((), float("nan"), device=device)
         n = x.shape[0]
         if binary:
@@ -362,10 +384,9 @@ def evaluate(
             cm += confusion_matrix_torch(pred, y.long(), k, ignore_index=cfg.loss.ignore_index)
         sums[0] += loss.double() * n  # stays on the device: no sync per batch
         sums[3] += n
-        if keep_probs:
+        if sink is not None:
             out = (probs[:, 0] * 255).round().to(torch.uint8) if binary else pred.to(torch.uint8)
-            for i, arr in zip(batch[INDEX].tolist(), out.cpu().numpy()):
-                kept[i] = arr
+            sink(batch[INDEX].tolist(), out.cpu().numpy())
     all_reduce_sum(sums, d)
     all_reduce_sum(cm, d)
     n = max(1.0, float(sums[3]))
@@ -382,4 +403,4 @@ def evaluate(
         metrics["val_mean_acc"] = cmm["mean_pixel_accuracy"]
         metrics["val_fw_iou"] = cmm["fw_iou"]
         metrics["val_mdice"] = cmm["mean_dice"]
-    return metrics, kept
+    return metrics

@@ -31,13 +31,14 @@ import pandas as pd
 from pipeline import rle
 from pipeline.config import DataConfig
 from pipeline.data import DataError
+from pipeline.errors import BuildsegError, cli
 from pipeline.io import atomic_write_text
 from pipeline.layouts import read_source
 
 MAX_BINS = 10  # quantile bins of the non-empty tiles (deciles), fewer when there are few tiles
 
 
-class FoldsError(ValueError):
+class FoldsError(BuildsegError, ValueError):
     """Folds that cannot be made or used; the message says how to fix it."""
 
 
@@ -94,7 +95,8 @@ def make_folds(
     if n_units < n_folds:
         what = "groups" if groups is not None else "tiles"
         raise FoldsError(
-            f"only {n_units} {what} for {n_folds} folds: use --n-folds {max(2, n_units)} or fewer"
+            f"only {n_units} {what} for {n_folds} folds: use {max(2, n_units)} folds or fewer "
+            f"(make train: data.n_folds={max(2, n_units)}; make folds: --n-folds {max(2, n_units)})"
             + (", or finer groups" if groups is not None else "")
         )
     counts = np.zeros((n_units, n_bins), dtype=np.int64)  # tiles of each bin in each unit
@@ -142,7 +144,11 @@ def _check_inputs(names: list[str], fractions: np.ndarray, n_folds: int, groups:
     if n_folds < 2:
         raise FoldsError(f"n_folds must be >= 2, got {n_folds}")
     if len(names) < n_folds:
-        raise FoldsError(f"only {len(names)} tiles for {n_folds} folds: use fewer folds")
+        n = max(2, len(names))
+        raise FoldsError(
+            f"only {len(names)} tiles for {n_folds} folds: use {n} folds or fewer "
+            f"(make train: data.n_folds={n}; make folds: --n-folds {n})"
+        )
     if fractions.shape != (len(names),):
         raise FoldsError(
             f"masks_fraction has shape {fractions.shape}; expected one value per name ({len(names)})"
@@ -171,7 +177,7 @@ def _check_inputs(names: list[str], fractions: np.ndarray, n_folds: int, groups:
             )
 
 
-def load_folds(path: str | Path, names: Sequence[str]) -> pd.DataFrame:
+def load_folds(path: str | Path, names: Sequence[str], fix: str = "") -> pd.DataFrame:
     """Read ``folds.csv`` and check it against the training tiles ``names`` [N].
 
     Returns a frame with columns ``name``, ``fold`` (int64), one row per name, in the order of
@@ -179,7 +185,7 @@ def load_folds(path: str | Path, names: Sequence[str]) -> pd.DataFrame:
     how to fix it, if a tile is missing, listed twice or unknown, or folds are not 0..k-1.
     """
     path = Path(path)
-    fix = f"re-run make folds (python -m pipeline.folds --data {path.parent})"
+    fix = fix or f"re-run make folds (python -m pipeline.folds --data {path.parent})"
     if not path.is_file():
         raise FoldsError(f"{path} not found: {fix}")
     try:
@@ -233,12 +239,14 @@ def read_groups(path: str | Path, names: Sequence[str]) -> list[str]:
     if missing:
         raise FoldsError(
             f"{len(missing)} training tiles have no group in {path} ({_listing(missing)}): "
-            "add them, or pass --no-groups"
+            "add them, or split without groups: make folds ARGS=--no-groups (python -m pipeline.folds "
+            "--no-groups), whose DATA/folds.csv make train then uses"
         )
     return [group_of[n] for n in names]
 
 
-def main(argv: list[str] | None = None) -> int:
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.folds", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="data folder with train_mask.csv and train/")
     p.add_argument("--n-folds", type=int, default=5)
@@ -322,9 +330,16 @@ def resolve_folds(cfg: Any, source: Any, run_dir: Path, announce: bool = True) -
     root = Path(cfg.data.root)
     own = run_dir / "folds.csv"
     if own.is_file():
-        df = load_folds(own, source.train.names)
+        fix = (
+            "the training tiles changed since this run was made, and a run's folds are its own: restore the "
+            "data it was made with, or train the new tiles as a new run (name=...)"
+        )
+        df = load_folds(own, source.train.names, fix)
         other = Path(cfg.data.folds_csv) if cfg.data.folds_csv else root / "folds.csv"
-        changed = other.is_file() and folds_hash(load_folds(other, source.train.names)) != folds_hash(df)
+        try:
+            changed = other.is_file() and folds_hash(load_folds(other, source.train.names)) != folds_hash(df)
+        except FoldsError:  # a stale DATA/folds.csv does not concern a run that has its own
+            changed = True
         if announce and changed:
             print(
                 f"note: {other} differs from this run's {own}; the run keeps its own folds "

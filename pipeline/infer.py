@@ -18,13 +18,15 @@ import numpy as np
 import torch
 
 from pipeline import tta as tta_mod
-from pipeline.config import Config, ConfigError, config_from_dict
+from pipeline.config import Config, ConfigError, InferConfig, config_from_dict
 from pipeline.data import IMAGE, NAME, DataError, SegDataset, Split
-from pipeline.device import DeviceError, autocast_ctx, pick_device
+from pipeline.device import autocast_ctx, pick_device
+from pipeline.errors import cli
 from pipeline.io import CheckpointError, load_checkpoint
 from pipeline.models import build_model
 from pipeline.runs import Manifest, load_manifest
 
+MAX_IMAGES = InferConfig().max_images
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """Rebuild a model from its checkpoint alone (config inside), in eval mode on ``device``."""
@@ -59,12 +61,17 @@ def load_ensemble(manifest: Manifest, device: torch.device) -> tuple[list[torch.
 
 @torch.no_grad()
 def predict_batch(
-    models: Sequence[torch.nn.Module], x: torch.Tensor, tta: str, classes: int = 1
+    models: Sequence[torch.nn.Module],
+    x: torch.Tensor,
+    tta: str,
+    classes: int = 1,
+    max_images: int = MAX_IMAGES,
 ) -> torch.Tensor:
     """Average probabilities over models and TTA views.
 
     Args:
         x: uint8 or float [B, 3, H, W] on the models' device (0..255; models normalise).
+        max_images: images per forward, TTA views included (``infer.max_images``): bounds memory.
     Returns:
         float32 [B, K, H, W] probabilities (K = 1 for binary, sigmoid; else softmax).
     """
@@ -72,7 +79,7 @@ def predict_batch(
     total = None
     for m in models:
         with autocast_ctx(x.device):
-            p = tta_mod.predict_tta(m, x, tta, activation).float()
+            p = tta_mod.predict_tta(m, x, tta, activation, max_images=max_images).float()
         total = p if total is None else total.add_(p)
     return total / len(models)
 
@@ -86,6 +93,7 @@ def iter_predictions(
     num_workers: int = 2,
     classes: int = 1,
     threshold: float | None = None,
+    max_images: int = MAX_IMAGES,
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield (names, out) per batch in split order.
 
@@ -104,7 +112,7 @@ def iter_predictions(
         x = batch[IMAGE].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        probs = predict_batch(models, x, tta, classes)
+        probs = predict_batch(models, x, tta, classes, max_images)
         out = probs[:, 0] if classes == 1 else probs
         if threshold is not None and classes == 1:
             out = (out > threshold).to(torch.uint8)
@@ -141,10 +149,12 @@ def predict_scene_file(
     out: str | Path,
     tta: str | None = None,
     device: str = "auto",
+    probs_out: str | Path | None = None,
 ) -> Path:
     """Sliding-window ensemble prediction over a large GeoTIFF/JPEG into a uint8 raster at ``out``.
 
-    Binary runs: a 0/1 mask (the manifest's threshold). Multi-class runs: class ids, the argmax of the
+    Binary runs: a 0/1 mask (the manifest's threshold), and with ``probs_out`` (.tif) the blended
+    probabilities as uint8 ``round(p * 255)``. Multi-class runs: class ids, the argmax of the
     blended per-class probabilities, with the run's class colours as the colour table when its data
     folder (layout, colormap) can be read; otherwise a warning, and the ids without colours.
     """
@@ -174,7 +184,7 @@ def predict_scene_file(
 
     def predict_fn(tiles: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))).to(dev)
-        probs = predict_batch(models, x, tta_name, classes)
+        probs = predict_batch(models, x, tta_name, classes, manifest.infer.max_images)
         # Binary: the one channel [B, H, W]; multi-class: classes last [B, H, W, K], like the tiles.
         return (probs[:, 0] if classes == 1 else probs.permute(0, 2, 3, 1)).cpu().numpy()
 
@@ -188,10 +198,12 @@ def predict_scene_file(
         threshold=manifest.infer.threshold,
         classes=classes,
         colors=colors,
+        probs_path=probs_out,
     )
     return Path(out)
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.infer")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -202,11 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--tta", default=None)
     s.add_argument("--device", default="auto")
     a = p.parse_args(argv)
-    try:
-        out = predict_scene_file(a.run, a.scene, a.out, a.tta, a.device)
-    except (ConfigError, DataError, CheckpointError, DeviceError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = predict_scene_file(a.run, a.scene, a.out, a.tta, a.device)
     print(f"wrote {out}")
     return 0
 

@@ -5,6 +5,9 @@ through :func:`atomic_write`: the data is written to a temporary file in the sam
 and fsync'ed, then renamed over the target. A kill or a full disk during the write leaves the
 previous file intact and no partial file behind.
 
+Temp files are named ``.<target>.<pid>@<host>.<random>.tmp``: :func:`remove_stale_temps`, called when
+a run, a tune or a submit starts, deletes those whose writer was killed (kill -9, power loss).
+
 Checkpoints are loaded with ``torch.load(weights_only=True)``: only tensors and plain containers
 are accepted, so a crafted file cannot execute code when it is opened.
 """
@@ -15,20 +18,103 @@ import contextlib
 import io
 import os
 import re
+import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
+from pipeline.errors import BuildsegError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once at import: mkstemp creates 0600 files, we want what open() would give
 
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:32] or "host"
+# Our temp files: ".<target>.<pid>@<host>.<random>.tmp" beside the target, so a later run can tell the
+# temp of a killed writer (its process is gone) from one being written right now.
+_TEMP = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.[^.]+\.tmp$")
+# Names written before the pid was in them: ".<target>.<8 random chars>.tmp" (mkstemp) and
+# ".<target>.<pid>.tmp" (the mask cache); removed once they are older than any write takes.
+_OLD_TEMP = re.compile(r"^\..+\.(?:[a-z0-9_]{8}|\d+)\.tmp$")
+STALE_AFTER_S = 24 * 3600  # a temp file this old, of another host or the old naming, is abandoned
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(BuildsegError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def temp_prefix(path: Path) -> str:
+    """The start of a temp file's name for writing ``path`` (see :func:`remove_stale_temps`)."""
+    return f".{path.name}.{os.getpid()}@{HOST}."
+
+
+def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files of killed writes under ``folder`` (recursively); returns what was removed.
+
+    A kill -9 during :func:`atomic_write` (or the mask cache's decode) leaves its hidden temp file, up
+    to a checkpoint's size each. One is stale when its writer's process is gone (same host), or it is
+    older than a day (another host, or a name from before the pid was recorded). Files of live writers
+    and anything not named like our temps are left alone. Called when a run, a tune or a submit starts.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for p in folder.rglob(".*.tmp"):
+        m = _TEMP.match(p.name)
+        try:
+            old = now - p.stat().st_mtime > STALE_AFTER_S
+        except FileNotFoundError:  # its writer just renamed it
+            continue
+        if m:
+            stale = not pid_alive(int(m["pid"])) if m["host"] == HOST else old
+        else:
+            stale = bool(_OLD_TEMP.match(p.name)) and old
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` if needed and write, fsync and delete a small probe file in it.
+
+    Called before hours of work whose result lands in ``folder`` (a submission): a read-only or full
+    disk fails here, in a second, with the OS error naming the folder (:func:`pipeline.errors.cli`).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(folder / "write-probe"), suffix=".tmp", dir=folder)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:  # name the folder the user chose, whatever file the OS complained about
+        raise OSError(e.errno, f"cannot write there ({e.strerror or e})", str(folder)) from None
 
 
 @contextlib.contextmanager
@@ -40,7 +126,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -24,7 +24,15 @@ import pandas as pd
 from pipeline.config import InferConfig
 from pipeline.metrics import dice_from_counts
 
-__all__ = ["SearchResult", "binarize", "mean_dice_at", "remove_small_components", "search_threshold"]
+__all__ = [
+    "GridCounts",
+    "SearchResult",
+    "best_of",
+    "binarize",
+    "mean_dice_at",
+    "remove_small_components",
+    "search_threshold",
+]
 
 _DEFAULTS = InferConfig()
 _CHUNK = 32  # images per vectorised step: bounds the temporary bool masks to 32 x H x W bytes
@@ -134,6 +142,27 @@ def _small_component_losses(
     return cum_area[k], cum_inter[k]
 
 
+def _count_image(
+    probs: np.ndarray, truth: np.ndarray, thresholds: list[float], min_areas: np.ndarray, connectivity: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """|P & T| and |P|, int64 [T, M] each, of one image [H, W] for every (threshold, min_area)."""
+    inter = np.zeros((len(thresholds), len(min_areas)), dtype=np.int64)
+    pred_sum = np.zeros_like(inter)
+    need_cc = bool((min_areas > 1).any())
+    truth_idx = np.flatnonzero(truth) if need_cc else None
+    for i, th in enumerate(thresholds):
+        above = _above(probs, th)
+        pred_sum[i] = np.count_nonzero(above)
+        inter[i] = np.count_nonzero(above & truth)
+        if need_cc and pred_sum[i, 0]:  # an empty prediction has no components to remove
+            lost_area, lost_inter = _small_component_losses(
+                above.view(np.uint8), truth_idx, min_areas, connectivity
+            )
+            pred_sum[i] -= lost_area
+            inter[i] -= lost_inter
+    return inter, pred_sum
+
+
 def _count_chunk(
     probs: np.ndarray,
     truth: np.ndarray,
@@ -144,35 +173,108 @@ def _count_chunk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """|P & T| and |P| for every (threshold, min_area, image) of a chunk.
 
+    One task per image: the compares, counts and connected components of an image all run in the
+    pool's threads (numpy and OpenCV release the GIL), so every core works on every step.
+
     Args:
         probs: [n, H, W] uint8 or float probabilities; truth: bool [n, H, W].
 
     Returns:
         (inter, pred_sum), each int64 [T, M, n].
     """
-    n = len(probs)
-    inter = np.zeros((len(thresholds), len(min_areas), n), dtype=np.int64)
-    pred_sum = np.zeros_like(inter)
     if probs.dtype == np.float16:  # upcast once per chunk (exact) instead of once per threshold compare
         probs = probs.astype(np.float32)
-    need_cc = bool((min_areas > 1).any())
-    truth_idx = [np.flatnonzero(ti) for ti in truth] if need_cc else []
-    for i, th in enumerate(thresholds):
-        above = _above(probs, th)  # vectorised over the chunk
-        pred_sum[i] = np.count_nonzero(above, axis=(1, 2))
-        inter[i] = np.count_nonzero(above & truth, axis=(1, 2))
-        if not need_cc:
-            continue
-        above_u8 = above.view(np.uint8)
-        nonempty = np.flatnonzero(pred_sum[i, 0])  # an empty prediction has no components to remove
-        losses = pool.map(
-            lambda j: _small_component_losses(above_u8[j], truth_idx[j], min_areas, connectivity),  # noqa: B023
-            nonempty,
+    counts = list(
+        pool.map(
+            lambda j: _count_image(probs[j], truth[j], thresholds, min_areas, connectivity), range(len(probs))
         )
-        for j, (lost_area, lost_inter) in zip(nonempty, losses):
-            pred_sum[i, :, j] -= lost_area
-            inter[i, :, j] -= lost_inter
+    )
+    shape = (len(thresholds), len(min_areas), 0)
+    inter = np.stack([c[0] for c in counts], axis=-1) if counts else np.zeros(shape, dtype=np.int64)
+    pred_sum = np.stack([c[1] for c in counts], axis=-1) if counts else np.zeros(shape, dtype=np.int64)
     return inter, pred_sum
+
+
+class GridCounts:
+    """Per-image counts for every (threshold, min_area) of a grid, accumulated chunk by chunk.
+
+    Streaming: :meth:`add` takes any number of images at a time (a chunk of an OOF file), so tuning
+    30k OOF tiles holds one chunk of masks plus int64 counts [T, M, N] (~17 MB at 30k), never every
+    probability map. :meth:`dice` turns the counts into per-image Dice [T, M, N] (empty/empty = 1).
+    """
+
+    def __init__(
+        self,
+        thresholds: Sequence[float],
+        min_areas: Sequence[int],
+        connectivity: int = 8,
+        workers: int | None = None,
+    ):
+        if not len(thresholds) or not len(min_areas):
+            raise ValueError("thresholds and min_areas must each have at least one value")
+        _check_connectivity(connectivity)
+        self.thresholds = [float(t) for t in thresholds]
+        self.min_areas = np.asarray(min_areas, dtype=np.int64)
+        self.connectivity = connectivity
+        self._inter: list[np.ndarray] = []
+        self._pred: list[np.ndarray] = []
+        self._truth: list[np.ndarray] = []
+        self._pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
+
+    def add(self, probs: np.ndarray, truths: np.ndarray, first: int = 0) -> None:
+        """Count images ``probs`` [n, H, W] (uint8 or float in [0, 1]) against ``truths`` [n, H, W]
+        (non-zero = building); ``first`` is the index of ``probs[0]`` in the whole set, for messages."""
+        if probs.shape != truths.shape or probs.ndim != 3:
+            raise ValueError(
+                f"probs and truths must both be [N, H, W] with the same shape; got {probs.shape} and "
+                f"{truths.shape} (are the OOF probabilities and masks for the same tiles, in the same order?)"
+            )
+        for start in range(0, len(probs), _CHUNK):
+            p = probs[start : start + _CHUNK]
+            if p.dtype.kind == "f" and (p.min() < 0 or p.max() > 1):
+                lo, hi = first + start, first + start + len(p)
+                raise ValueError(
+                    f"probs[{lo}:{hi}] has values outside [0, 1] ({p.min():.3g}..{p.max():.3g}); "
+                    "these look like logits: apply a sigmoid first"
+                )
+            t = np.asarray(truths[start : start + _CHUNK]) != 0
+            self._truth.append(np.count_nonzero(t, axis=(1, 2)))
+            inter, pred = _count_chunk(p, t, self.thresholds, self.min_areas, self.connectivity, self._pool)
+            self._inter.append(inter)
+            self._pred.append(pred)
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._truth)
+
+    def dice(self) -> np.ndarray:
+        """Per-image Dice float64 [T, M, N] (the same rule as :func:`pipeline.metrics.dice_per_image`)."""
+        if not self._truth:
+            raise ValueError("no image was counted")
+        inter, pred = np.concatenate(self._inter, axis=2), np.concatenate(self._pred, axis=2)
+        return dice_from_counts(inter, pred + np.concatenate(self._truth))
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    def __enter__(self) -> GridCounts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def best_of(thresholds: Sequence[float], min_areas: Sequence[int], mean_dice: np.ndarray) -> SearchResult:
+    """The best cell of a grid's mean Dice [T, M]; ties go to the first in grid order."""
+    table = pd.DataFrame(
+        {
+            "threshold": np.repeat([float(t) for t in thresholds], len(min_areas)),
+            "min_area": np.tile(np.asarray(min_areas, dtype=np.int64), len(thresholds)),
+            "dice": np.asarray(mean_dice, dtype=np.float64).ravel(),
+        }
+    )
+    best = int(np.argmax(table["dice"].to_numpy()))  # first maximum in grid order
+    row = table.iloc[best]
+    return SearchResult(float(row["threshold"]), int(row["min_area"]), float(row["dice"]), table)
 
 
 def search_threshold(
@@ -200,7 +302,8 @@ def search_threshold(
     Cost: per chunk of images and per threshold, one vectorised compare and three counts; then one
     connected-components call per (threshold, image) with a non-empty prediction. Every min_area
     comes from the component areas: removing components smaller than m lowers |P| by their area and
-    |P & T| by their true positives.
+    |P & T| by their true positives. For data that does not fit in memory, feed :class:`GridCounts`
+    chunk by chunk instead (``pipeline.tune`` does).
     """
     if probs.shape != truths.shape or probs.ndim != 3:
         raise ValueError(
@@ -209,40 +312,9 @@ def search_threshold(
         )
     if len(probs) == 0:
         raise ValueError("search_threshold needs at least one image")
-    if not len(thresholds) or not len(min_areas):
-        raise ValueError("thresholds and min_areas must each have at least one value")
-    _check_connectivity(connectivity)
-    thr = [float(t) for t in thresholds]
-    areas = np.asarray(min_areas, dtype=np.int64)
-    n_img = len(probs)
-    inter = np.zeros((len(thr), len(areas), n_img), dtype=np.int64)
-    pred_sum = np.zeros_like(inter)
-    truth_sum = np.zeros(n_img, dtype=np.int64)
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, n_img, _CHUNK):
-            sl = slice(start, min(start + _CHUNK, n_img))
-            p = probs[sl]
-            if p.dtype.kind == "f" and (p.min() < 0 or p.max() > 1):
-                raise ValueError(
-                    f"probs[{sl.start}:{sl.stop}] has values outside [0, 1] ({p.min():.3g}..{p.max():.3g}); "
-                    "these look like logits: apply a sigmoid first"
-                )
-            t = truths[sl] != 0
-            truth_sum[sl] = np.count_nonzero(t, axis=(1, 2))
-            inter[:, :, sl], pred_sum[:, :, sl] = _count_chunk(p, t, thr, areas, connectivity, pool)
-
-    # The search works on counts, not masks: the same rule as metrics.dice_per_image, empty/empty = 1.
-    dice = dice_from_counts(inter, pred_sum + truth_sum).mean(axis=2)  # [T, M]
-    table = pd.DataFrame(
-        {
-            "threshold": np.repeat(thr, len(areas)),
-            "min_area": np.tile(areas, len(thr)),
-            "dice": dice.ravel(),
-        }
-    )
-    best = int(np.argmax(table["dice"].to_numpy()))  # first maximum in grid order
-    row = table.iloc[best]
-    return SearchResult(float(row["threshold"]), int(row["min_area"]), float(row["dice"]), table)
+    with GridCounts(thresholds, min_areas, connectivity, workers) as counts:
+        counts.add(probs, truths)
+        return best_of(thresholds, min_areas, counts.dice().mean(axis=2))
 
 
 def mean_dice_at(

@@ -37,9 +37,10 @@ from PIL import Image
 from pipeline import postprocess
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, Split, image_size, read_image
-from pipeline.device import DeviceError, pick_device
-from pipeline.infer import iter_predictions, load_ensemble
-from pipeline.io import CheckpointError, atomic_write, atomic_write_text
+from pipeline.device import pick_device
+from pipeline.errors import cli
+from pipeline.infer import MAX_IMAGES, iter_predictions, load_ensemble
+from pipeline.io import atomic_write, atomic_write_text
 from pipeline.layouts import Source, layout, read_source
 from pipeline.metrics import confusion_matrix, dice_per_image, format_report, metrics_report
 from pipeline.runs import Manifest, latest_run, load_manifest, run_data_config
@@ -99,6 +100,7 @@ def predict_labels(
     min_area: int = 0,
     batch_size: int = 16,
     num_workers: int = 2,
+    max_images: int = MAX_IMAGES,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (index in ``split``, class ids uint8 [H, W]) for every image, at its native size.
 
@@ -110,7 +112,8 @@ def predict_labels(
         sub = split.subset(idx)
         pos = 0
         for _, out in iter_predictions(
-            models, sub, tta, device, bs, num_workers, classes, threshold if classes == 1 else None
+            models, sub, tta, device, bs, num_workers, classes, threshold if classes == 1 else None,
+            max_images,
         ):
             ids = out if classes == 1 else out.argmax(1)
             for m in ids:
@@ -253,7 +256,7 @@ def predict_to_dir(
     inf = manifest.infer
     batches = predict_labels(
         models, test, classes, tta_name, dev, inf.threshold, inf.min_area, batch_size or inf.batch_size,
-        num_workers,
+        num_workers, inf.max_images,
     )
     for i, ids in batches:
         write_label_png(paths[i], ids, colors)
@@ -290,6 +293,7 @@ def predict_to_dir(
     return result
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="", help="run folder or manifest.yaml (default: the newest run in runs/)")
@@ -301,18 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--figure", type=int, default=0, help="write figure.png of the first N images (0: none)")
     a = p.parse_args(argv)
-    try:
-        manifest = load_manifest(a.run or latest_run())
-        data = run_data_config(manifest.run_dir, a.data)
-        if layout(data.layout).checkable:
-            from pipeline.check_data import require_clean
+    manifest = load_manifest(a.run or latest_run())
+    data = run_data_config(manifest.run_dir, a.data)
+    if layout(data.layout).checkable:
+        from pipeline.check_data import require_clean
 
-            require_clean(data, train=False)
-        result = predict_to_dir(manifest, data, a.out or None, a.tta, a.device, a.batch_size, a.workers,
-                                a.figure)
-    except (ConfigError, DataError, CheckpointError, DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        require_clean(data, train=False)
+    result = predict_to_dir(manifest, data, a.out or None, a.tta, a.device, a.batch_size, a.workers,
+                            a.figure)
     if result.metrics is not None:
         print(format_report(result.metrics))
         if "competition_dice" in result.metrics:

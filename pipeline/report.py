@@ -3,9 +3,10 @@
     python -m pipeline.report runs/<run> [--data DIR] [--out runs/<run>/report]
 
 Writes into ``--out``: ``data_fractions.png``, ``data_examples.png`` (the data), ``folds.png``,
-``learning_curves.png``, ``threshold_curve.png``, ``oof_dice_histogram.png`` and
-``worst_tiles.png`` (the run). Every figure comes from :mod:`pipeline.viz`, as in the notebooks, so
-the two cannot drift apart. ``--data`` defaults to the data folder in the run's config.
+``learning_curves.png``, ``threshold_curve.png``, ``oof_dice_histogram.png``, ``worst_tiles.png`` and
+``building_outlines.png`` (the run; buildings outlined by their IoU >= 0.5 match: TP, FP, FN). Every
+figure comes from :mod:`pipeline.viz` (or :mod:`pipeline.viz_buildings`), as in the notebooks, so the
+two cannot drift apart. ``--data`` defaults to the data folder in the run's config.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from pipeline import analysis, runs, viz
-from pipeline.config import ConfigError, DataConfig
-from pipeline.data import DataError
+from pipeline import analysis, runs, viz, viz_buildings
+from pipeline.config import DataConfig
+from pipeline.errors import cli
 from pipeline.layouts import read_source
-from pipeline.rle import RLEError
 
 EXAMPLE_TILES = 6
 WORST_TILES = 8
+OUTLINE_TILES = 6
 
 
 def write_report(
@@ -62,22 +63,23 @@ def write_report(
             ),
             ("oof_dice_histogram", lambda: viz.dice_histogram(ev.dice, "OOF per-tile Dice")),
             ("worst_tiles", lambda: viz.worst_tiles_gallery(ev, WORST_TILES)),
+            (
+                "building_outlines",
+                lambda: viz_buildings.building_outlines(analysis.building_panels(ev, OUTLINE_TILES)),
+            ),
         ]
     return [viz.save_figure(make(), out / f"{name}.png") for name, make in figures]
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="run folder, e.g. runs/demo")
     p.add_argument("--data", default="", help="data folder (default: the one in the run's config.yaml)")
     p.add_argument("--out", default="", help="output folder (default: RUN/report)")
     a = p.parse_args(argv)
-    try:
-        data_cfg = runs.run_data_config(a.run, a.data) if a.data else None
-        paths = write_report(a.run, data_cfg, a.out or None)
-    except (runs.RunError, DataError, ConfigError, RLEError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    data_cfg = runs.run_data_config(a.run, a.data) if a.data else None
+    paths = write_report(a.run, data_cfg, a.out or None)
     for path in paths:
         print(path)
     return 0

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.errors import BuildsegError
+
 DEFAULT_SHAPE = (512, 512)
 
 _SPACE = ord(" ")
@@ -99,7 +101,7 @@ def _compile_painter():
 _paint_rows = _compile_painter()
 
 
-class RLEError(ValueError):
+class RLEError(BuildsegError, ValueError):
     """A malformed RLE string. ``str(e)`` says what is wrong; callers prefix the file and row."""
 
 

@@ -14,6 +14,13 @@ names, types, defaults and valid ranges). :class:`Run` is what the notebooks and
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +28,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import ConfigError, DataConfig, InferConfig, from_dict, infer_problems
-from pipeline.io import load_yaml
+from pipeline.config import ConfigError, DataConfig, InferConfig, config_changes, from_dict, infer_problems
+from pipeline.errors import BuildsegError
+from pipeline.io import HOST, atomic_write, load_yaml, pid_alive
 
 # Keys of manifest.yaml that are InferConfig fields (the OOF search grids stay in the run's config).
-MANIFEST_INFER_KEYS = ("tta", "threshold", "min_area", "batch_size", "tile_size", "overlap")
+MANIFEST_INFER_KEYS = ("tta", "threshold", "min_area", "batch_size", "max_images", "tile_size", "overlap")
 OOF_KEYS = {True: "probs", False: "labels"}  # oof.npz array by task (binary?): probabilities, class ids
 _TRAIN_HINT = "run `make train` first (or RUN=runs/<run> to pick another run)"
 
 
-class RunError(ValueError):
+class RunError(BuildsegError, ValueError):
     """A run folder that cannot be read; the message names the file and the command that writes it."""
 
 
@@ -130,6 +138,192 @@ def latest_submission(path: str | Path = "", folder: str | Path = "submissions")
     if not found:
         raise FileNotFoundError(f"no submission (*.csv) in {folder}/; run `make submit` first")
     return found[-1]
+
+
+@contextlib.contextmanager
+def oof_writer(
+    path: str | Path, names: Sequence[str], key: str
+) -> Iterator[Callable[[Sequence[int], Any], None]]:
+    """Write an ``oof.npz`` (``names`` and ``key``: uint8 [N, H, W]) batch by batch, atomically.
+
+    Yields ``write(indices, arrays)``; the arrays (uint8 [B, H, W], in dataset order) are streamed into
+    the compressed zip as they arrive, so a fold's OOF maps are never held whole (6k tiles x 512 x 512
+    = 1.5 GB at the competition's size). ``np.load`` reads the file like any ``np.savez_compressed``.
+    """
+    path, n = Path(path), len(names)
+    done, member = 0, None
+    with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("names.npy", "w", force_zip64=True) as m:
+            np.lib.format.write_array(m, np.array([str(x) for x in names]))
+
+        def write(indices: Sequence[int], arrays: Any) -> None:
+            nonlocal done, member
+            if list(indices) != list(range(done, done + len(arrays))):
+                raise ValueError(f"{path}: OOF batches must come in dataset order, got {list(indices)[:4]}")
+            arrays = np.ascontiguousarray(arrays, dtype=np.uint8)
+            if member is None:
+                member = zf.open(f"{key}.npy", "w", force_zip64=True)
+                header = {"descr": "|u1", "fortran_order": False, "shape": (n, *arrays.shape[1:])}
+                np.lib.format.write_array_header_1_0(member, header)
+            member.write(arrays.tobytes())
+            done += len(arrays)
+
+        try:
+            yield write
+        finally:
+            if member is not None:
+                member.close()
+        if done != n:
+            raise ValueError(f"{path}: {done} OOF maps written for {n} tiles")
+
+
+def oof_chunks(path: str | Path, key: str, chunk: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Stream an ``oof.npz`` member ``key`` (``probs`` or ``labels``, uint8 [N, H, W]) in chunks of
+    ``chunk`` images: yields (names [n], array [n, H, W]).
+
+    The member is read straight out of the (compressed) zip, ``chunk`` rows at a time, so tuning a
+    30k-tile run never holds a whole fold's maps (6k x 512 x 512 = 1.5 GB) in memory.
+    """
+    path = Path(path)
+    with np.load(path) as z:
+        if "names" not in z or key not in z:
+            raise RunError(f"{path} must hold arrays 'names' and '{key}'; it has {list(z.keys())}; retrain")
+        names = [str(n) for n in z["names"]]
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        fmt = np.lib.format
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran or len(shape) != 3 or shape[0] != len(names):
+            raise RunError(f"{path}: '{key}' is {shape} (fortran={fortran}) for {len(names)} names; retrain")
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], chunk):
+            n = min(chunk, shape[0] - start)
+            buf = f.read(n * row)
+            if len(buf) != n * row:
+                raise RunError(f"{path}: '{key}' ends early (truncated file); retrain this fold")
+            yield names[start : start + n], np.frombuffer(buf, dtype=dtype).reshape(n, *shape[1:])
+
+
+# ----------------------------------------------------------------------------- who owns a run folder
+
+
+def _proc_start(pid: int) -> str:
+    """The kernel's start time of process ``pid`` ("" if unknown): a reused PID has another."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    if owner.get("host") != HOST:
+        return True  # another machine's process cannot be checked from here: assume it runs
+    pid = int(owner.get("pid", -1))
+    start = str(owner.get("start", ""))
+    return pid > 0 and pid_alive(pid) and (not start or _proc_start(pid) in ("", start))
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Own ``run_dir`` while training or tuning it; ``runs/.<run>.lock`` (beside the folder) names the owner.
+
+    A second ``make train`` (or ``make tune``) of the same run while the owner lives is refused with a
+    message naming its PID and host: two runs writing one folder would mix checkpoints, configs and
+    tables. A lock whose process is gone (kill -9, a crash, a reboot) is taken over with a note. The
+    lock is removed on exit, also on Ctrl-C or SIGTERM. Yields the lock file's path.
+    """
+    run_dir = Path(run_dir)
+    lock = run_dir.parent / f".{run_dir.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {
+        "pid": os.getpid(),
+        "host": HOST,
+        "start": _proc_start(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _take_over_if_dead(lock, run_dir)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise RunError(f"{lock}: could not take the lock of {run_dir} (another process took it first)")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            held = json.loads(lock.read_text())
+            if (held.get("pid"), held.get("host")) == (me["pid"], me["host"]):
+                lock.unlink()
+
+
+def _take_over_if_dead(lock: Path, run_dir: Path) -> None:
+    """Remove ``lock`` if its owner is gone; raise :class:`RunError` naming the owner while it lives."""
+    try:
+        owner = json.loads(lock.read_text() or "{}")
+    except FileNotFoundError:
+        return  # released meanwhile
+    except (OSError, ValueError):
+        owner = {}
+    if not owner and time.time() - lock.stat().st_mtime < 10:
+        owner = {"host": "?", "pid": "?", "since": "just now"}  # being written by its owner right now
+    if owner and _owner_alive(owner):
+        where = "this machine" if owner.get("host") == HOST else f"machine {owner.get('host')}"
+        raise RunError(
+            f"{run_dir} is in use by process {owner.get('pid')} on {where} (since {owner.get('since')}: "
+            f"{owner.get('command', '?')}). Wait for it to finish, or train under another name (name=...). "
+            f"If that process is no longer running, delete {lock}"
+        )
+    if owner:
+        print(f"note: taking over {run_dir} from process {owner.get('pid')}, which is gone", file=sys.stderr)
+    lock.unlink(missing_ok=True)
+
+
+def prepare_run_dir(
+    run_dir: str | Path, config: dict[str, Any], resume: bool = True, force: bool = False
+) -> Path | None:
+    """Keep a run folder one run: its config, folds and checkpoints always belong together.
+
+    Call while owning the folder (:func:`run_lock`), before anything is written to it. Nothing is
+    ever deleted or mixed. If ``run_dir`` holds a run:
+
+    * ``force``: it is moved aside to ``<run>.old-<time>/`` (returned), and the new run starts afresh;
+    * ``resume=False`` (``--no-resume``, ``RESUME=0``): refused, naming ``name=`` and ``--force``;
+    * resuming: the config must be the run's ``config.yaml`` except the inference-only settings
+      (:data:`pipeline.config.RESUME_FREE`), else refused with the differences (this also keeps
+      ``FOLDS=1`` with another config from joining the folds of the first).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    fresh = "train under another name (name=...), or pass --force (make train FORCE=1) to move the old run "
+    fresh += f"to {run_dir.name}.old-<time>/ and start afresh"
+    if force:
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"note: moved the previous run {run_dir} to {aside}; starting afresh", file=sys.stderr)
+        return aside
+    if not resume:
+        raise RunError(
+            f"{run_dir} already holds a run; a fresh start (--no-resume, RESUME=0) would overwrite its "
+            f"checkpoints and mix them with its config and folds. To start afresh, {fresh}"
+        )
+    saved = run_dir / "config.yaml"
+    old = load_yaml(saved) if saved.is_file() else {}
+    changes = config_changes(old if isinstance(old, dict) else {}, config)
+    if changes:
+        shown = "; ".join(changes[:8]) + (f"; ... ({len(changes)} in all)" if len(changes) > 8 else "")
+        raise RunError(
+            f"{run_dir} holds a run made with another config ({shown}); its folds and checkpoints must not "
+            f"be mixed with this one. Resume with the run's own config ({saved}), or {fresh}"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------- a finished run

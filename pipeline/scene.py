@@ -8,14 +8,17 @@ it (``make predict-scene``; :func:`pipeline.infer.predict_scene_file` supplies t
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.shutil
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
 from pipeline.io import atomic_write
@@ -67,6 +70,36 @@ def _dst_profile(dst_path: Path, src: rasterio.DatasetReader) -> dict:
     return profile
 
 
+@contextlib.contextmanager
+def _open_output(
+    path: str | Path | None, src: rasterio.DatasetReader, resampling: str = "nearest"
+) -> Iterator[rasterio.io.DatasetWriter | None]:
+    """A uint8 band to write row strips into; on success ``path`` is written atomically (None: no output).
+
+    GeoTIFFs come out Cloud-Optimised (tiled 256x256, deflate, overviews with ``resampling``), so QGIS
+    and web viewers open large scenes fast. COG is a copy-only format: the strips go into a tiled,
+    compressed GeoTIFF in memory first, which GDAL then copies with overviews.
+    """
+    if not path:
+        yield None
+        return
+    profile = _dst_profile(Path(path), src)
+    with atomic_write(path) as f:
+        if profile["driver"] != "GTiff":
+            with rasterio.open(f, "w", **profile) as dst:
+                yield dst
+            return
+        with MemoryFile() as strips, MemoryFile() as cog:
+            with strips.open(**profile) as dst:
+                yield dst
+            with strips.open() as tiled:
+                rasterio.shutil.copy(
+                    tiled, cog.name, driver="COG", compress="deflate", blocksize=256,
+                    overview_resampling=resampling, bigtiff="IF_SAFER",
+                )
+            f.write(cog.read())
+
+
 class _StripBlender:
     """The weighted sum and weight of the rows a strip of tiles covers: float64 [rows, W] (x K).
 
@@ -111,12 +144,14 @@ def predict_scene(
     foreground: int = 1,
     classes: int = 1,
     colors: Sequence[tuple[int, int, int]] | None = None,
+    probs_path: str | Path | None = None,
 ) -> SceneStats:
     """Sliding-window prediction of a large scene into a uint8 mask (or class-id) raster.
 
     Args:
         src_path: scene raster (GeoTIFF, or plain JPEG/PNG), >= 3 uint8 bands.
-        dst_path: ``.tif`` (GeoTIFF: the input's CRS and transform, deflate, 256x256 tiles) or ``.png``.
+        dst_path: ``.tif`` (Cloud-Optimised GeoTIFF: the input's CRS and transform, deflate, 256x256
+            tiles, overviews) or ``.png``.
         predict_fn: uint8 tiles [B, tile, tile, 3] -> float32 probabilities [B, tile, tile] (binary),
             or [B, tile, tile, K] with ``classes = K > 1`` (softmax over the last axis).
         tile, overlap: the :class:`TileGrid`; ``batch_size`` tiles per ``predict_fn`` call (within one
@@ -129,10 +164,12 @@ def predict_scene(
         classes: K > 1: each class's probability is blended, then the argmax is written as uint8 class
             ids (``threshold`` and ``foreground`` are not used); 1: binary.
         colors: multi-class only, optional: RGB of each class id, written as the raster's colour table.
+        probs_path: binary only, optional ``.tif``: the blended probabilities as uint8 ``round(p * 255)``
+            (a COG like the mask, averaged overviews), e.g. for :mod:`pipeline.footprints` attributes.
 
     Memory: one strip of tile rows of RGB ([tile, W, 3] uint8), one batch of tiles and predictions,
     and the :class:`_StripBlender` buffers of ``min(tile, H)`` x W. The GeoTIFF is assembled
-    compressed in memory and written atomically; PNG buffers the mask.
+    compressed in memory, copied as a COG and written atomically; PNG buffers the mask.
     """
     src_path, dst_path = Path(src_path), Path(dst_path)
     if foreground not in (1, 255):
@@ -141,6 +178,8 @@ def predict_scene(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 1 <= classes <= 256:
         raise ValueError(f"classes must be 1 (binary) or 2..256 (uint8 class ids), got {classes}")
+    if probs_path is not None and (classes > 1 or Path(probs_path).suffix.lower() not in (".tif", ".tiff")):
+        raise ValueError(f"{probs_path}: probabilities are written for binary runs only, as a .tif GeoTIFF")
     with open_raster(src_path) as src:
         check_rgb(src, src_path)
         height, width = src.height, src.width
@@ -149,9 +188,9 @@ def predict_scene(
         th, tw = min(tile, height), min(tile, width)
         blender = _StripBlender(th, width, tile, window, classes)
         n_batches, flushed = 0, []
-        with atomic_write(dst_path) as f, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(f, "w", **_dst_profile(dst_path, src)) as dst:
+            with _open_output(dst_path, src) as dst, _open_output(probs_path, src, "average") as pdst:
                 if classes > 1 and colors:
                     dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colors)})
                 for k, r in enumerate(rows):
@@ -169,5 +208,7 @@ def predict_scene(
                     else:
                         mask = binarize(probs, threshold) * np.uint8(foreground)
                     dst.write(mask[None], window=Window(0, r, width, done))
+                    if pdst is not None:  # the OOF files' uint8 scale: round(p * 255)
+                        pdst.write(np.rint(probs * 255).astype(np.uint8), 1, window=Window(0, r, width, done))
                     flushed.append(done)
     return SceneStats(height, width, len(grid), n_batches, th, tuple(flushed))

@@ -2,10 +2,13 @@
 
     python -m pipeline.score SUBMISSION [--truth DATA/test_a_mask.csv]           # binary RLE (make score)
     python -m pipeline.score --pred-dir DIR --data DIR [--layout voc] [--colormap JSON]   # class-id PNGs
+    python -m pipeline.score --footprints buildings.gpkg --truth truth.gpkg|truth_mask.tif  # polygons
 
 Binary: the competition score is the mean per-image Dice (empty/empty = 1); one confusion matrix over
 all pixels of all tiles adds pixel accuracy, mean pixel accuracy, IoU and Dice per class, mean IoU and
-frequency-weighted IoU. Writes ``<submission>.score.json``.
+frequency-weighted IoU. Writes ``<submission>.score.json``. Beside Dice, per-building precision, recall
+and F1 (buildings matched one to one at IoU >= 0.5, by size; :mod:`pipeline.buildings`), for tiles and
+for footprint files (``make score FOOTPRINTS=... TRUTH=...``, ``<footprints>.score.json``).
 
 Class-id PNGs (what ``python -m pipeline.predict`` writes, ``<stem>.png`` per test image, palette or
 grey values = class ids): one confusion matrix over all images of the layout's test split (VOC:
@@ -24,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import rle
+from pipeline import buildings, rle
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, Split, read_mask_csv
+from pipeline.errors import cli
 from pipeline.io import atomic_write_text
 from pipeline.layouts import BUILDING_CLASSES, Colormap, read_label_png, read_source
 from pipeline.metrics import confusion_matrix, dice_per_image, format_report, iou_per_image, metrics_report
@@ -84,6 +88,7 @@ def score_submission(
         "dice": float(dice.mean()),
         "iou": float(iou.mean()),
         "metrics": metrics_report(binary_confusion(p, t), BUILDING_CLASSES),
+        "buildings": buildings.score_masks(p, t),
         "dice_per_tile": {n: round(float(d), 6) for n, d in zip(names, dice)},
     }
 
@@ -164,6 +169,23 @@ def _main_labels(a: argparse.Namespace) -> int:
     return 0
 
 
+def _main_footprints(a: argparse.Namespace) -> int:
+    from pipeline.footprints import FootprintError, score_footprints
+
+    if Path(a.truth).suffix.lower() == ".csv":
+        raise ConfigError("--footprints needs --truth: true polygons (.gpkg, .geojson...) or a mask GeoTIFF")
+    try:
+        result = score_footprints(a.footprints, a.truth)
+    except FootprintError as e:
+        raise DataError(str(e)) from None
+    out = Path(f"{a.footprints}.score.json")
+    atomic_write_text(out, json.dumps(result, indent=1))
+    print(buildings.format_report(result["buildings"]))
+    print(f"({result['n_pred']} predicted, {result['n_truth']} true buildings) -> {out}")
+    return 0
+
+
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.score", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -175,22 +197,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", default="", help="with --pred-dir: the data folder holding the truth")
     p.add_argument("--layout", default="voc", help="with --pred-dir: voc, cityscapes or competition")
     p.add_argument("--colormap", default="", help="with --pred-dir: colormap JSON (cityscapes; voc optional)")
+    p.add_argument("--footprints", default="", help="polygons of make footprints, scored against --truth")
     a = p.parse_args(argv)
-    try:
-        if a.pred_dir:
-            return _main_labels(a)
-        a.submission = str(latest_submission(a.submission))
-        shape = (a.size, a.size) if a.size else _tile_shape(Path(a.truth))
-        result = score_submission(a.submission, a.truth, shape)
-    except (ConfigError, DataError, rle.RLEError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.pred_dir:
+        return _main_labels(a)
+    if a.footprints:
+        return _main_footprints(a)
+    a.submission = str(latest_submission(a.submission))
+    shape = (a.size, a.size) if a.size else _tile_shape(Path(a.truth))
+    result = score_submission(a.submission, a.truth, shape)
     out = write_score(result, a.submission)
     print(format_report(result["metrics"]))
     print(
         f"competition Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  "
         f"(means per tile, {result['n']} tiles)  -> {out}"
     )
+    print(buildings.format_report(result["buildings"]))
     return 0
 
 

@@ -25,10 +25,12 @@ import numpy as np
 from pipeline import postprocess, rle
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, image_size
-from pipeline.device import DeviceError, pick_device
-from pipeline.infer import iter_predictions, load_ensemble
-from pipeline.io import CheckpointError, atomic_write
+from pipeline.device import pick_device
+from pipeline.errors import cli
+from pipeline.infer import MAX_IMAGES, iter_predictions, load_ensemble
+from pipeline.io import atomic_write, check_writable, remove_stale_temps
 from pipeline.layouts import read_source
+from pipeline.progress import progress
 from pipeline.runs import Manifest, latest_run, load_manifest, run_data_config
 from pipeline.score import score_submission, write_score
 from pipeline.tta import TTA_SETS
@@ -57,6 +59,7 @@ def predict_and_encode(
     device: Any,
     batch_size: int = 16,
     num_workers: int = 2,
+    max_images: int = MAX_IMAGES,
 ) -> list[tuple[str, str]]:
     """(name, rle) for every tile of ``split`` in order: the hot path of ``make submit``.
 
@@ -65,10 +68,15 @@ def predict_and_encode(
     """
     encoded: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        batches = iter_predictions(models, split, tta, device, batch_size, num_workers, threshold=threshold)
+        batches = iter_predictions(
+            models, split, tta, device, batch_size, num_workers, threshold=threshold, max_images=max_images
+        )
+        bar = progress(len(split), "submit", unit="tile")
         for names, masks in batches:
             for n, m in zip(names, masks):
                 encoded[n] = pool.submit(_encode, m, min_area)
+            bar.update(len(names))
+        bar.close()
         return [(n, encoded[n].result()) for n in split.names]
 
 
@@ -91,6 +99,8 @@ def make_submission(
             "RLE submissions are binary (classes=1); for multi-class runs use python -m pipeline.predict"
         )
     t0 = time.time()
+    remove_stale_temps(out_dir)  # half-written submissions of killed runs
+    check_writable(out_dir)  # a read-only or full disk fails now, not after predicting every tile
     source = read_source(data, with_train=False)
     if source.test is None or not len(source.test):
         raise DataError(f"no test tiles in {data.root}/{data.test_dir} (sample: {data.sample_csv})")
@@ -106,6 +116,7 @@ def make_submission(
         dev,
         batch_size or manifest.infer.batch_size,
         num_workers,
+        manifest.infer.max_images,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(out_dir) / f"{manifest.name}-{tta_name}-{stamp}.csv"
@@ -125,6 +136,7 @@ def make_submission(
     return result
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="", help="run folder or manifest.yaml (default: the newest run in runs/)")
@@ -135,16 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
-    try:
-        manifest = load_manifest(a.run or latest_run())
-        data = run_data_config(manifest.run_dir, a.data)
-        from pipeline.check_data import require_clean
+    manifest = load_manifest(a.run or latest_run())
+    data = run_data_config(manifest.run_dir, a.data)
+    check_writable(a.out)  # before the data check, which takes a while on 30k tiles
+    from pipeline.check_data import require_clean
 
-        require_clean(data, train=False)
-        result = make_submission(manifest, data, a.out, a.tta, a.device, a.batch_size, a.workers)
-    except (ConfigError, DataError, CheckpointError, DeviceError, rle.RLEError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    require_clean(data, train=False)
+    result = make_submission(manifest, data, a.out, a.tta, a.device, a.batch_size, a.workers)
     print(
         f"submission: {result.path}  ({result.rows} tiles, {result.empty} empty masks, "
         f"{result.seconds:.1f}s) - validated OK"

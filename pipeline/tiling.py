@@ -44,7 +44,9 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from pipeline import rle
+from pipeline.errors import cli
 from pipeline.io import atomic_write_bytes, atomic_write_text
+from pipeline.progress import progress
 
 __all__ = [
     "BLEND_WINDOWS",
@@ -322,7 +324,9 @@ def make_tiles(
     mask_lines: list[str] = []
     manifest = ["name,group"]
     names: list[str] = []
+    bar = progress(len(pairs), "make-tiles", unit="scene")
     for img_path, gt_path in pairs:
+        bar.update(1)
         scene = img_path.stem
         with open_raster(img_path) as src, open_raster(gt_path) as gt:
             check_rgb(src, img_path)
@@ -348,6 +352,7 @@ def make_tiles(
                     mask_lines.append(f"{name}\t{rle.encode(tile_mask)}")
                     manifest.append(f"{name},{scene}")
                     names.append(name)
+    bar.close()
     atomic_write_text(out_dir / f"{split_name}_mask.csv", "\n".join(mask_lines) + "\n")
     atomic_write_text(out_dir / "manifest.csv", "\n".join(manifest) + "\n")
     return TilesSummary(len(pairs), tuple(names))
@@ -356,6 +361,7 @@ def make_tiles(
 # ----------------------------------------------------------------------------- CLI
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tiling", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

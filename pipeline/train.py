@@ -11,16 +11,18 @@ Per fold, in ``runs/<run>/fold<k>/``: ``config.yaml``, ``last.pt`` (every epoch;
 ``best.pt`` (best validation score), ``metrics.csv``, ``curve.png`` and ``oof.npz`` (validation
 predictions of the best model, uint8).
 
-Faults: checkpoints are written atomically; Ctrl-C or SIGTERM saves ``last.pt`` at the current step
-and a rerun resumes there (``--resume``, the default); a SIGKILL loses at most one epoch. The epoch
-order and every augmentation are functions of (seed, epoch, index), so a resumed run sees the same
-batches as an uninterrupted one. ``last.pt`` records a hash of the fold split, and a resume on other
-folds is refused.
+Faults: checkpoints are written atomically; Ctrl-C or SIGTERM saves ``last.pt`` at the end of the step
+in progress (a second signal stops at once) and a rerun resumes there; a SIGKILL loses at most one
+epoch. The epoch order, every augmentation and the model's own randomness are functions of (seed,
+epoch or step, index), so a resumed run computes what an uninterrupted one would. ``last.pt`` records
+a hash of the fold split, and a resume on other folds is refused. A run folder has one owner at a
+time and holds one config (``pipeline.runs``: ``run_lock``, ``prepare_run_dir``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -28,15 +30,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from pipeline import tune
-from pipeline.config import Config, ConfigError, load_config, run_name, save_config, to_dict
-from pipeline.data import IMAGE, MASK, DataError, SegDataset
+from pipeline.config import Config, config_changes, load_config, run_name, save_config, to_dict
+from pipeline.data import IMAGE, MASK, SegDataset
 from pipeline.device import (
-    DeviceError,
     Dist,
     all_reduce_sum,
     barrier,
@@ -48,6 +48,7 @@ from pipeline.device import (
 )
 from pipeline.engine import (
     Interrupted,
+    StopRequest,
     TrainingError,
     TrainStep,
     build_training,
@@ -58,11 +59,14 @@ from pipeline.engine import (
     monitor_key,
     progress_bar,
     save_on_signal,
+    step_seed,
 )
-from pipeline.folds import FoldsError, folds_hash, resolve_folds
-from pipeline.io import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from pipeline.errors import cli
+from pipeline.folds import folds_hash, resolve_folds
+from pipeline.io import atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint
 from pipeline.layouts import Source, check_source, read_source
-from pipeline.runs import OOF_KEYS
+from pipeline.models import check_model
+from pipeline.runs import OOF_KEYS, oof_writer, prepare_run_dir, run_lock
 
 __all__ = ["FoldResult", "TrainingError", "main", "run", "train_fold", "write_oof"]
 
@@ -150,6 +154,7 @@ class FoldTrainer:
         self.total_steps = steps * cfg.train.epochs
         self.warmup = int(cfg.optim.warmup_epochs * steps)
         self.step: TrainStep | None = None
+        self.stop = StopRequest()  # fit() replaces it with the one its signal handlers fill
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -167,10 +172,11 @@ class FoldTrainer:
         self.step.step.fill_(self.prog.global_step)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("config") != to_dict(self.cfg):
+        changes = config_changes(state.get("config") or {}, to_dict(self.cfg))  # infer.* may change
+        if changes:
             raise TrainingError(
-                f"{self.last_path} was written with a different config; resume with the same config, or "
-                f"start afresh with a new run name (name=...) or RESUME=0 after deleting {self.fold_dir}"
+                f"{self.last_path} was written with a different config ({'; '.join(changes[:5])}); resume "
+                "with the same config, or start afresh under a new run name (name=...) or with --force"
             )
         if state.get("folds_hash", self.folds_hash) != self.folds_hash:
             raise TrainingError(
@@ -243,6 +249,7 @@ class FoldTrainer:
             if prog.step_in_epoch >= self.steps_per_epoch:
                 break
             lr = lr_at(prog.global_step, self.total_steps, self.warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
+            torch.manual_seed(step_seed(cfg.train.seed + self.fold, prog.global_step, self.d.rank))
             self.loss_sum += self.step(batch[IMAGE], batch[MASK], lr)
             self.n_steps += 1
             prog.step_in_epoch += 1
@@ -255,6 +262,7 @@ class FoldTrainer:
                     bar.set_postfix(loss=f"{float(self.loss_sum) / self.n_steps:.4f}", val=f"{last:.4f}")
             if bar is not None:
                 bar.update(1)
+            self.honour_stop(sync=prog.step_in_epoch % 10 == 0 or prog.step_in_epoch == self.steps_per_epoch)
         if bar is not None:
             bar.close()
         self.step.check_finite(self.fold, epoch)  # never checkpoint a model that saw a non-finite loss
@@ -266,7 +274,7 @@ class FoldTrainer:
         total = all_reduce_sum(self.loss_sum.double().clone(), d)
         train_loss = float(total) / max(1, self.n_steps * d.world)
         broadcast_buffers(self.eval_model, d)  # the ranks validate the model rank 0 saves
-        metrics, _ = evaluate(
+        metrics = evaluate(
             self.eval_model, self.data.val_loader, self.step.loss_fn, self.cfg, self.device, d
         )
         lr = self.step.optimizer.param_groups[0]["lr"]
@@ -292,27 +300,46 @@ class FoldTrainer:
                 flush=True,
             )
 
+    def honour_stop(self, sync: bool) -> None:
+        """Raise :class:`Interrupted` once Ctrl-C/SIGTERM has come; called between steps only. With
+        several processes the flag is all-reduced where ``sync`` (every 10 steps, where the loop syncs
+        anyway), so every rank stops after the same step."""
+        if self.d.world == 1:
+            self.stop.check()
+        elif sync:
+            flag = torch.tensor(float(self.stop.signal is not None), device=self.device)
+            if float(all_reduce_sum(flag, self.d)) > 0:
+                raise Interrupted(self.stop.signal or "signal on another rank")
+
     def fit(self) -> None:
-        """Epochs until done; Ctrl-C/SIGTERM save at the current step and exit 130."""
+        """Epochs until done; Ctrl-C/SIGTERM save at the end of the step in progress and exit 130."""
         if self.prog.stopped(self.cfg) and self.d.main:
             print(f"fold {self.fold}: already finished ({self.prog.epoch} epochs)")
         self.loss_sum, self.n_steps = torch.zeros((), device=self.device), 0
         try:
-            with save_on_signal():
+            with save_on_signal() as self.stop:
                 while not self.prog.stopped(self.cfg):
+                    self.honour_stop(sync=True)
                     t0 = time.time()
                     epoch = self.prog.epoch
                     self.train_epoch(epoch)
                     self.end_epoch(epoch, t0)
-        except (KeyboardInterrupt, Interrupted) as e:
+        except Interrupted as e:
             self.prog.partial_loss = (float(self.loss_sum), self.n_steps)
             self.checkpoint()
             if self.d.main:
                 print(
-                    f"\nfold {self.fold}: interrupted ({type(e).__name__} {e}) "
-                    f"at epoch {self.prog.epoch + 1}, "
+                    f"\nfold {self.fold}: interrupted ({e}) at epoch {self.prog.epoch + 1}, "
                     f"step {self.prog.step_in_epoch}; saved {self.last_path}. Run the same command with "
                     "RESUME=1 (--resume) to continue.",
+                    file=sys.stderr,
+                )
+            raise SystemExit(130) from None
+        except KeyboardInterrupt:  # a second signal: stopped inside a step, whose state is not saved
+            if self.d.main:
+                print(
+                    f"\nfold {self.fold}: stopped at once (second signal); {self.last_path} keeps the state "
+                    "saved before. Run the same command to resume from there.",
                     file=sys.stderr,
                 )
             raise SystemExit(130) from None
@@ -368,26 +395,44 @@ def write_oof(
         raise TrainingError(f"{best_path} was never written (no epoch ran?)")
     model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
     loader = make_loader(val_ds, cfg, device)
-    _, kept = evaluate(model, loader, None, cfg, device, Dist(), tta_name=cfg.infer.tta, keep_probs=True)
-    key = OOF_KEYS[cfg.model.classes == 1]
-    with atomic_write(out, "wb") as f:
-        np.savez_compressed(
-            f, names=np.array(val_ds.split.names), **{key: np.stack([kept[i] for i in range(len(val_ds))])}
-        )
+    with oof_writer(out, val_ds.split.names, OOF_KEYS[cfg.model.classes == 1]) as write:
+        evaluate(model, loader, None, cfg, device, Dist(), tta_name=cfg.infer.tta, sink=write)
     return out
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def run(cfg: Config, folds: Sequence[int] | None = None, resume: bool = True) -> Path:
-    """Train the given folds (default: all) of ``cfg`` and tune post-processing; returns the run folder."""
+def run(cfg: Config, folds: Sequence[int] | None = None, resume: bool = True, force: bool = False) -> Path:
+    """Train the given folds (default: all) of ``cfg`` and tune post-processing; returns the run folder.
+
+    Before any work: the model is checked against the registry (the config's values were checked when
+    it was loaded), the run folder is owned (:func:`pipeline.runs.run_lock`: a second ``make train``
+    of the same run is refused), and it is kept one run (:func:`pipeline.runs.prepare_run_dir`: a
+    resume needs the run's config, except ``infer.*``; ``resume=False`` on an existing run is refused
+    unless ``force``, which moves the old run aside). Stale temp files of killed writes are removed.
+    """
+    check_model(cfg)
     d = init_distributed(cfg.train.device)
     run_dir = Path(cfg.train.runs_dir) / run_name(cfg)
-    if d.main:
-        from pipeline.check_data import require_clean
+    with run_lock(run_dir) if d.main else contextlib.nullcontext():
+        if d.main:
+            from pipeline.check_data import require_clean
+            from pipeline.data import cache_dir
 
-        require_clean(cfg.data, train=True, test=False)
+            removed = remove_stale_temps(run_dir) + remove_stale_temps(cache_dir())
+            if removed:
+                print(f"note: removed {len(removed)} temp files of killed writes ({removed[0]}, ...)")
+            prepare_run_dir(run_dir, to_dict(cfg), resume=resume, force=force)
+            require_clean(cfg.data, train=True, test=False)
+        barrier(d)  # the other ranks read the run folder once rank 0 has settled it
+        _train_run(cfg, folds, resume or force, run_dir, d)
+    close_distributed(d)
+    return run_dir
+
+
+def _train_run(cfg: Config, folds: Sequence[int] | None, resume: bool, run_dir: Path, d: Dist) -> None:
+    """The folds, then tuning: :func:`run`'s work once the run folder is owned and settled."""
     source = read_source(cfg.data, with_test=False)
     check_source(cfg, source)
     folds_df = resolve_folds(cfg, source, run_dir, announce=d.main)
@@ -398,7 +443,7 @@ def run(cfg: Config, folds: Sequence[int] | None = None, resume: bool = True) ->
         raise TrainingError(f"folds {bad} do not exist; folds.csv has folds 0..{n_folds - 1}")
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml")  # infer.* may have changed since the run began
         with atomic_write(run_dir / "folds.csv", "w") as f:
             folds_df.to_csv(f, index=False)
     for f in todo:
@@ -408,34 +453,36 @@ def run(cfg: Config, folds: Sequence[int] | None = None, resume: bool = True) ->
         print(tune.format_table(tuned))
         print(f"run: {run_dir}   manifest: {run_dir / 'manifest.yaml'}")
     barrier(d)
-    close_distributed(d)
-    return run_dir
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[int] | None, bool]:
+def _fold_list(text: str) -> list[int]:
+    try:
+        return [int(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of fold numbers, e.g. 0,1") from None
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[int] | None, bool, bool]:
     p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/default.yaml", help="YAML recipe (configs/*.yaml)")
-    p.add_argument("--folds", default="", help="comma-separated folds to train, e.g. 0,1 (default: all)")
+    p.add_argument("--folds", type=_fold_list, default=None, help="folds to train, e.g. 0,1 (default: all)")
     p.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="continue from last.pt when present (default); --no-resume starts the folds afresh",
+        help="continue the run from its last.pt files (default); --no-resume refuses an existing run",
     )
+    p.add_argument("--force", action="store_true", help="start afresh; a run there moves to <run>.old-<t>/")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3 data.root=data/real")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    folds = [int(f) for f in a.folds.split(",") if f.strip()] if a.folds else None
-    return cfg, folds, a.resume
+    return cfg, a.folds or None, a.resume, a.force
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        cfg, folds, resume = parse_args(argv)
-        run(cfg, folds, resume)
-    except (ConfigError, DataError, TrainingError, CheckpointError, DeviceError, FoldsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, folds, resume, force = parse_args(argv)
+    run(cfg, folds, resume, force)
     return 0
 
 

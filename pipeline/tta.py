@@ -125,9 +125,17 @@ def _lookup(registry: dict, key: str, what: str) -> object:
     return registry[key]
 
 
-def _forward(model_fn: Callable[[Tensor], Tensor], views: list[Tensor], batch: int) -> list[Tensor]:
-    """Run ``model_fn`` on same-shaped views concatenated along the batch dim; split the output back."""
-    out = model_fn(torch.cat(views, dim=0) if len(views) > 1 else views[0])
+def _forward(
+    model_fn: Callable[[Tensor], Tensor], views: list[Tensor], batch: int, max_images: int | None = None
+) -> list[Tensor]:
+    """Run ``model_fn`` on same-shaped views concatenated along the batch dim, at most ``max_images``
+    images per call (memory grows with the images in one forward); split the output back per view."""
+    x = torch.cat(views, dim=0) if len(views) > 1 else views[0]
+    step = max_images or len(x)
+    if len(x) > step:
+        out = torch.cat([model_fn(x[i : i + step]) for i in range(0, len(x), step)], dim=0)
+    else:
+        out = model_fn(x)
     expected = (batch * len(views), views[0].shape[-2], views[0].shape[-1])
     if out.ndim != 4 or (out.shape[0], *out.shape[-2:]) != expected:
         raise ValueError(
@@ -145,6 +153,7 @@ def predict_tta(
     tta: str = "d4",
     activation: str = "sigmoid",
     merge_batch: bool = True,
+    max_images: int | None = None,
 ) -> Tensor:
     """Average the model's probabilities over the views of TTA set ``tta``.
 
@@ -158,6 +167,8 @@ def predict_tta(
             ``len(views) * B`` (fastest on a GPU, ``len(views)`` times the activation memory).
             Views are grouped by shape, so a non-square input under ``d4`` takes two forwards
             (H x W and W x H). ``False``: one forward per view.
+        max_images: at most this many images per forward (views included), e.g. ``infer.max_images``:
+            the merged batch is cut into pieces, so memory is bounded whatever B and the TTA set.
 
     Returns:
         float32 probabilities [B, K, H, W].
@@ -180,10 +191,10 @@ def predict_tta(
         for i, v in enumerate(views):
             groups.setdefault(tuple(v.shape), []).append(i)
         for idx in groups.values():
-            for i, out in zip(idx, _forward(model_fn, [views[i] for i in idx], batch)):
+            for i, out in zip(idx, _forward(model_fn, [views[i] for i in idx], batch, max_images)):
                 outputs[i] = out
     else:
-        outputs = [_forward(model_fn, [v], batch)[0] for v in views]
+        outputs = [_forward(model_fn, [v], batch, max_images)[0] for v in views]
 
     total: Tensor | None = None
     for t, out in zip(transforms, outputs):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,57 +22,89 @@ import numpy as np
 import pandas as pd
 
 from pipeline import postprocess
-from pipeline.config import Config, ConfigError, load_config, to_dict
+from pipeline.config import Config, ConfigError, config_changes, load_config, to_dict
 from pipeline.data import DataError, build_transforms
 from pipeline.engine import monitor_key
-from pipeline.io import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, save_yaml
+from pipeline.errors import BuildsegError, cli
+from pipeline.io import (
+    atomic_write,
+    load_checkpoint,
+    load_yaml,
+    remove_stale_temps,
+    save_checkpoint,
+    save_yaml,
+)
 from pipeline.layouts import Source, read_source
 from pipeline.metrics import confusion_matrix, mean_iou, pixel_accuracy
-from pipeline.runs import OOF_KEYS, latest_run
+from pipeline.progress import progress
+from pipeline.runs import OOF_KEYS, latest_run, oof_chunks, run_lock
 
 
-class TuneError(RuntimeError):
+class TuneError(BuildsegError, RuntimeError):
     """Nothing to tune on; the message says what to run first."""
 
 
-def read_oof(run_dir: Path, binary: bool) -> tuple[list[str], np.ndarray, dict[int, tuple[int, int]]]:
-    """Every fold's ``oof.npz`` of ``run_dir``: names [N], arrays uint8 [N, H, W], fold -> (start, end)."""
-    files = sorted(run_dir.glob("fold*/oof.npz"))
+def oof_files(run_dir: Path) -> dict[int, Path]:
+    """fold -> ``fold<k>/oof.npz`` of ``run_dir``."""
+    files = {int(f.parent.name.removeprefix("fold")): f for f in sorted(run_dir.glob("fold*/oof.npz"))}
     if not files:
         raise TuneError(f"no out-of-fold files in {run_dir}; train at least one fold (make train)")
-    key = OOF_KEYS[binary]
-    names: list[str] = []
-    arrays, spans = [], {}
-    for f in files:
-        with np.load(f) as z:
-            if key not in z:
-                raise TuneError(f"{f} holds {sorted(z.keys())}, not '{key}'; retrain this fold")
-            fold_names, arr = [str(n) for n in z["names"]], z[key]
-        spans[int(f.parent.name.removeprefix("fold"))] = (len(names), len(names) + len(fold_names))
-        names += fold_names
-        arrays.append(arr)
-    return names, np.concatenate(arrays), spans
+    return files
+
+
+def iter_oof(run_dir: Path, source: Source, binary: bool) -> Iterator[tuple[int, np.ndarray, Any]]:
+    """(fold, OOF chunk uint8 [n, H, W], truth masks [n, H, W]) over every fold file, streamed.
+
+    One chunk of OOF maps and masks at a time: memory does not grow with the number of tiles.
+    """
+    bar = progress(None, f"tune {run_dir.name}", unit="tile")
+    for fold, path in oof_files(run_dir).items():
+        for names, arr in oof_chunks(path, OOF_KEYS[binary]):
+            try:
+                truths = source.train.select(names, f"OOF tiles of {path}: is DATA the run's data?").masks
+            except DataError as e:
+                raise TuneError(str(e)) from None
+            yield fold, arr, truths
+            bar.update(len(names))
+    bar.close()
 
 
 def tune_binary(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
-    """Search threshold and min component area on every fold's OOF file; write the search table."""
-    names, probs, spans = read_oof(run_dir, binary=True)
-    truths = np.asarray(source.train.select(names, f"OOF tiles of {run_dir}").masks)
-    result = postprocess.search_threshold(probs, truths, cfg.infer.thresholds, cfg.infer.min_areas)
+    """Search threshold and min component area on every fold's OOF file; write the search table.
+
+    The counts cover the grid plus (0.5, 0), so Dice at the untuned rule comes from the same pass.
+    """
+    thr = sorted({*cfg.infer.thresholds, 0.5})
+    areas = sorted({*cfg.infer.min_areas, 0})
+    folds: list[int] = []
+    with postprocess.GridCounts(thr, areas) as counts:
+        for fold, probs, truths in iter_oof(run_dir, source, binary=True):
+            counts.add(probs, np.asarray(truths), first=len(folds))
+            folds += [fold] * len(probs)
+        dice = counts.dice()  # [T', M', N]
+    folds_arr = np.asarray(folds)
+    ti = [thr.index(float(t)) for t in cfg.infer.thresholds]
+    ai = [areas.index(int(m)) for m in cfg.infer.min_areas]
+    result = postprocess.best_of(cfg.infer.thresholds, cfg.infer.min_areas, dice[np.ix_(ti, ai)].mean(axis=2))
     with atomic_write(run_dir / "threshold_search.csv", "w") as f:
         result.table.to_csv(f, index=False)
-    rows = {}
-    for fold, (a, b) in sorted(spans.items()):
-        at_half = postprocess.mean_dice_at(probs[a:b], truths[a:b], 0.5, 0)
-        tuned = postprocess.mean_dice_at(probs[a:b], truths[a:b], result.threshold, result.min_area)
-        rows[fold] = {"n": b - a, "dice@0.5": at_half, "dice@tuned": tuned}
+    at_half = dice[thr.index(0.5), areas.index(0)]
+    tuned = dice[thr.index(result.threshold), areas.index(result.min_area)]
+    rows = {
+        int(k): {
+            "n": int((folds_arr == k).sum()),
+            "dice@0.5": float(at_half[folds_arr == k].mean()),
+            "dice@tuned": float(tuned[folds_arr == k].mean()),
+        }
+        for k in sorted(set(folds))
+    }
     return {
         "threshold": float(result.threshold),
         "min_area": int(result.min_area),
         "oof_dice": float(result.dice),
-        "oof_dice@0.5": postprocess.mean_dice_at(probs, truths, 0.5, 0),
+        "oof_dice@0.5": float(at_half.mean()),
         "per_fold": rows,
-        "n_oof": len(names),
+        "n_oof": len(folds),
     }
 
 
@@ -82,24 +114,25 @@ def tune_multiclass(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any
     With ``data.crop_size`` the OOF predictions are of the validation view (pad + centre crop), so each
     truth goes through the same transform first; images may differ in size (VOC).
     """
-    names, preds, _ = read_oof(run_dir, binary=False)
     ignore = cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
     view = build_transforms(cfg.aug, False, cfg.data.crop_size, ignore)
     k = cfg.model.classes
     cm = np.zeros((k, k), dtype=np.int64)
-    truths = source.train.select(names, f"OOF tiles of {run_dir}").masks
-    for i, pred in enumerate(preds):
-        truth = np.asarray(truths[i])
-        if view is not None:
-            truth = view(image=np.zeros((*truth.shape, 3), np.uint8), mask=truth)["mask"]
-        cm += confusion_matrix(pred, truth, k, ignore_index=cfg.loss.ignore_index)
+    n = 0
+    for _, preds, truths in iter_oof(run_dir, source, binary=False):
+        for i, pred in enumerate(preds):
+            truth = np.asarray(truths[i])
+            if view is not None:
+                truth = view(image=np.zeros((*truth.shape, 3), np.uint8), mask=truth)["mask"]
+            cm += confusion_matrix(pred, truth, k, ignore_index=cfg.loss.ignore_index)
+        n += len(preds)
     return {
         "threshold": None,
         "min_area": None,
         "oof_miou": float(mean_iou(cm)),
         "oof_pixel_accuracy": float(pixel_accuracy(cm)),
         "per_fold": {},
-        "n_oof": len(names),
+        "n_oof": n,
     }
 
 
@@ -113,10 +146,27 @@ def best_scores(run_dir: Path, monitor: str) -> dict[int, float]:
     return out
 
 
+def check_members(cfg: Config, run_dir: Path, ckpts: Sequence[str]) -> None:
+    """Raise :class:`TuneError` unless every checkpoint was trained with the run's config (``config.yaml``),
+    the fold and the inference settings aside: a fold of another config must not join the ensemble
+    unnoticed. Listing such checkpoints in ``manifest.yaml`` by hand makes an explicit ensemble."""
+    saved = load_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else to_dict(cfg)
+    for c in ckpts:
+        changes = config_changes(saved, load_checkpoint(run_dir / c)["config"])
+        if changes:
+            raise TuneError(
+                f"{run_dir / c} was trained with another config than {run_dir / 'config.yaml'} "
+                f"({'; '.join(changes[:5])}); a run's folds share one config. Move that fold's folder out "
+                "of the run and retrain it (make train FOLDS=k); to ensemble runs on purpose, list their "
+                "checkpoints by hand in a manifest.yaml"
+            )
+
+
 def write_manifest(cfg: Config, run_dir: Path, tuned: dict[str, Any]) -> Path:
     """The ensemble description ``make submit`` reads (editable by hand); the tuned values also go into
-    every listed ``best.pt``."""
+    every listed ``best.pt``. Only checkpoints of the run's config are listed (:func:`check_members`)."""
     ckpts = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("fold*/best.pt"))
+    check_members(cfg, run_dir, ckpts)
     threshold = tuned["threshold"] if tuned["threshold"] is not None else cfg.infer.threshold
     min_area = tuned["min_area"] if tuned["min_area"] is not None else cfg.infer.min_area
     infer = to_dict(cfg.infer)
@@ -127,7 +177,7 @@ def write_manifest(cfg: Config, run_dir: Path, tuned: dict[str, Any]) -> Path:
         "tta": cfg.infer.tta,
         "threshold": threshold,
         "min_area": min_area,
-        **{k: infer[k] for k in ("batch_size", "tile_size", "overlap")},
+        **{k: infer[k] for k in ("batch_size", "max_images", "tile_size", "overlap")},
         "classes": cfg.model.classes,
         "oof": {k: v for k, v in tuned.items() if k not in ("threshold", "min_area")},
     }
@@ -171,25 +221,23 @@ def format_table(tuned: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="", help="a run folder (default: the newest run in runs/)")
     p.add_argument("--data", default="", help="data folder (default: the run's data.root)")
     p.add_argument("overrides", nargs="*", help="infer.key=value, e.g. infer.thresholds=[0.4,0.5,0.6]")
     a = p.parse_args(argv)
-    try:
-        run_dir = Path(a.run) if a.run else latest_run()
-        not_infer = [o for o in a.overrides if not o.startswith("infer.")]
-        if not_infer:
-            raise ConfigError(f"make tune changes only infer.* settings, not {not_infer}; retrain for those")
-        cfg = load_config(
-            run_dir / "config.yaml", [*a.overrides, *([f"data.root={a.data}"] if a.data else [])]
-        )
-        source = read_source(cfg.data, with_test=False)
-        tuned = tune_run(cfg, source, run_dir)
-    except (ConfigError, DataError, TuneError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_dir = Path(a.run) if a.run else latest_run()
+    not_infer = [o for o in a.overrides if not o.startswith("infer.")]
+    if not_infer:
+        raise ConfigError(f"make tune changes only infer.* settings, not {not_infer}; retrain for those")
+    if not (run_dir / "config.yaml").is_file():
+        raise TuneError(f"{run_dir / 'config.yaml'} not found: {run_dir} is not a trained run (make train)")
+    cfg = load_config(run_dir / "config.yaml", [*a.overrides, *([f"data.root={a.data}"] if a.data else [])])
+    with run_lock(run_dir):  # not while a make train of this run writes it
+        remove_stale_temps(run_dir)
+        tuned = tune_run(cfg, read_source(cfg.data, with_test=False), run_dir)
     print(format_table(tuned))
     print(f"manifest: {run_dir / 'manifest.yaml'}")
     return 0

@@ -1,7 +1,9 @@
 """Validate a submission CSV before uploading it: every problem, each with its row.
 
-``python -m pipeline.validate SUBMISSION [--sample test_a_samplesubmit.csv] [--size 512]`` prints
-every problem and exits 1, or prints ``OK: N rows, K empty masks``.
+``python -m pipeline.validate SUBMISSION [--sample test_a_samplesubmit.csv] [--size 512|HxW]`` prints
+every problem and exits 1, or prints ``OK: N rows, K empty masks``. Without ``--size`` the tile size
+is measured on the test tiles the sample lists (``test_a/`` beside it, or ``--images``), as
+``make submit`` does: a mask that runs past the end of a smaller tile must not pass.
 
 A valid submission is TAB-separated, has no header and two columns ``name<TAB>rle``; it lists
 exactly the sample submission's names, in the sample's order, each once; every RLE is valid for
@@ -15,10 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import ConfigError, DataConfig
+from pipeline.data import image_size
+from pipeline.errors import cli
 from pipeline.maskcsv import CsvRow, Problem, rle_problem, scan_csv
+from pipeline.runs import latest_submission
 
 ORDER_FIX = (
     "write the rows in the sample's order (pandas: sub.set_index('name').loc[sample['name']].reset_index())"
@@ -139,20 +146,48 @@ def _longest_increasing(seq: list[int]) -> set[int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def tile_shape(size: str, sample: str | Path | None, images: str | Path | None) -> tuple[int, int]:
+    """(H, W) for the RLE check: ``size`` (``512`` or ``HxW``) if given, else the size of the first tile
+    the sample lists, in ``images`` (default: the ``test_a/`` beside the sample), as ``make submit``
+    measures it. Never an assumed size: a mask running past the end of a smaller tile must fail."""
+    if size:
+        h, _, w = size.lower().partition("x")
+        try:
+            return int(h), int(w or h)
+        except ValueError:
+            raise ConfigError(f"--size {size!r}: give the tile size as 512 or HxW (e.g. 480x640)") from None
+    if sample is None:
+        raise ConfigError("without --sample, give the tile size: --size 512 (or HxW)")
+    sample = Path(sample)
+    folder = Path(images) if images else sample.parent / DataConfig().test_dir
+    scan = scan_csv(sample, str(sample), with_rle=False) if sample.is_file() else None
+    names = [r.name for r in scan.rows] if scan is not None else []
+    first = next((folder / n for n in names if (folder / n).is_file()), None)
+    if first is None:
+        raise ConfigError(
+            f"cannot measure the tiles: none of the tiles {sample} lists is in {folder}/; "
+            "pass --images DIR (the test tiles) or --size 512"
+        )
+    return image_size(first)
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.validate", description=__doc__.splitlines()[0])
-    p.add_argument("submission")
+    p.add_argument("submission", nargs="?", default="", help="the CSV (default: the newest in submissions/)")
     p.add_argument(
         "--sample",
         default=None,
         help="the sample submission (e.g. data/test_a_samplesubmit.csv); "
-        "without it, names and order are not checked",
+        "without it, names and row order are not checked",
     )
-    p.add_argument("--size", type=int, default=512, help="tile height and width, for the RLE check")
+    p.add_argument("--size", default="", help="tile size, 512 or HxW (default: measured on the test tiles)")
+    p.add_argument("--images", default="", help="the test tiles (default: test_a/ beside the sample)")
     args = p.parse_args(argv)
+    shape = tile_shape(args.size, args.sample, args.images)
     if args.sample is None:
         print("note: no --sample given; names and row order are not checked", file=sys.stderr)
-    result = check_submission(args.submission, args.sample, (args.size, args.size))
+    result = check_submission(latest_submission(args.submission), args.sample, shape)
     if result.problems:
         print("\n".join(result.problems))
         print(f"{len(result.problems)} problems")

@@ -128,6 +128,18 @@ def test_evaluate_oof_scores_and_tables(small_run: tuple[Path, Split]) -> None:
     assert fig.axes[0].get_title().startswith("t3.png (fold 1)  Dice 0.000")
 
 
+def test_building_scores_and_panels(small_run: tuple[Path, Split]) -> None:
+    """Tiles 1, 2, 4 predict their one building exactly, tile 3 misses it, tile 0 is empty."""
+    run_dir, train = small_run
+    ev = analysis.evaluate_oof(runs.load_run(run_dir), train)
+    r = analysis.building_scores(ev)
+    assert (r["tp"], r["fp"], r["fn"], r["recall"]) == (3, 0, 1, 0.75)
+    panels = analysis.building_panels(ev, 2)
+    assert [p.title for p in panels] == ["t3.png", "t0.png"]  # most errors first, then tile order
+    assert panels[0].pred == [] and panels[0].truth_matched.tolist() == [False]
+    assert panels[0].truth[0].area == 16 and panels[0].image.shape == (H, W, 3)
+
+
 def test_evaluate_oof_names_tiles_missing_from_the_data(small_run: tuple[Path, Split]) -> None:
     run_dir, train = small_run
     with pytest.raises(runs.RunError, match="t4.png"):

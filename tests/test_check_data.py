@@ -188,9 +188,9 @@ CASES = [
          "keep one of rows 1 and 5"),
     Case("non-ascii-name", non_ascii, W, "non-ascii-name", "train/建筑0.jpg", "not ASCII", "rename"),
     # -- image files
-    # Cut in half, the decoder itself runs out of data (the draft-mode decode reads every byte) ...
+    # Cut in half, the decoder itself runs out of data (every tile is decoded fully) ...
     Case("truncated-jpeg-half", cut("t2.jpg", lambda n: n // 2), E, "truncated-image", "train/t2.jpg",
-         "the decoder failed", "copy or re-export the tile"),
+         "the decoder reports", "copy or re-export the tile"),
     # ... cut by two bytes it decodes, and only the missing end-of-image marker shows the damage.
     Case("truncated-jpeg-eoi-only", cut("t2.jpg", lambda n: n - 2), E, "truncated-image", "train/t2.jpg",
          "FFD9", "re-export"),
@@ -419,3 +419,22 @@ def test_real_data_is_clean_and_fast() -> None:
     assert report.ok and not report.warnings, report.format()
     assert any("448 rows" in s for s in report.summary) and any("112 rows" in s for s in report.summary)
     assert seconds < 10, f"checking {root} took {seconds:.1f}s"
+
+
+def test_non_square_tiles_set_the_expected_size(tmp_path: Path) -> None:
+    """A 640x480-like set (here 48x64, HxW): all tiles that size is clean; another size names both sizes
+    correctly (it said "expected 0x0" when the first tile was not square; issue 12)."""
+    root = make_clean(tmp_path / "data")
+    for i, name in enumerate(TRAIN):
+        _tile(i, (48, SIZE)).save(root / "train" / name, quality=90)
+    for i, name in enumerate(TEST):
+        _tile(100 + i, (48, SIZE)).save(root / "test_a" / name, quality=90)
+    cropped = [rle.encode(rle.decode(m, (SIZE, SIZE))[:48]) for m in _masks()]
+    (root / "train_mask.csv").write_text("".join(f"{n}\t{m}\n" for n, m in zip(TRAIN, cropped)))
+    (root / "test_a_mask.csv").unlink()
+    report = check_dataset(root, DataConfig())
+    assert report.ok and not report.warnings, report.format()
+    _tile(7, (SIZE, SIZE)).save(root / "test_a" / "s1.jpg", quality=90)
+    report = check_dataset(root, DataConfig())
+    assert [(p.code, p.where) for p in report.errors] == [("wrong-size", "test_a/s1.jpg")], report.format()
+    assert "tile is 64x64 (HxW) but 48x64 is expected" in report.errors[0].what

@@ -46,3 +46,28 @@ def test_grayscale_png_named_jpg_gives_two_warnings(tmp_path):
     check = inspect_image(path, "train/t.jpg")
     assert check.errors == []
     assert sorted(p.code for p in check.warnings) == ["format-mismatch", "image-mode"]
+
+
+def test_jpeg_cut_short_but_ending_in_eoi_is_an_error(tmp_path):
+    """Scan data cut short, then an end-of-image marker: PIL decodes it (grey fill) without a word;
+    the decoder's warning must be an error (issue 12)."""
+    path = _jpeg(tmp_path / "t.jpg", (64, 64))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    assert jpeg_has_eoi(path)
+    Image.open(path).load()  # PIL: no error
+    check = inspect_image(path, "train/t.jpg")
+    assert [p.code for p in check.errors] == ["truncated-image"]
+    assert "premature end of data segment" in check.errors[0].what
+
+
+def test_every_clean_jpeg_kind_passes(tmp_path):
+    """The full decode accepts what the pipeline reads: progressive, grayscale (a warning), CMYK."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "p.jpg", progressive=True)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg")
+    for name in ("p.jpg", "g.jpg", "c.jpg"):
+        check = inspect_image(tmp_path / name, name)
+        assert check.size == (24, 40) and check.errors == [], name

@@ -130,3 +130,41 @@ def test_default_yaml_is_the_dataclass_defaults():
 def test_inference_values_out_of_range_are_refused_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=-1", r"optim.lr must be > 0 \(e.g. 1e-3\), not -1.0"),
+        ("optim.lr=.nan", "optim.lr must be > 0"),
+        ("optim.lr=.inf", "optim.lr must be > 0"),
+        ("data.num_workers=-5", "data.num_workers must be >= 0, or -1 for the cores available, not -5"),
+        ("aug.color_p=1.5", "aug.color_p must be a probability"),
+        ("train.ema=1", r"train.ema must be >= 0 and < 1"),
+        ("train.patience=-1", "train.patience must be >= 0"),
+        ("train.device=gpu", "train.device must be auto, cpu, cuda or cuda:N, not 'gpu'"),
+        ("loss.ignore_index=300", "loss.ignore_index must be null or 0..255"),
+        ("name=../elsewhere", "name must be a plain folder name"),
+    ],
+)
+def test_every_value_is_range_checked_before_any_work(override, message):
+    """A negative rate or worker count was accepted, and failed (or trained) hours later (issue 12)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_all_problems_at_once_and_inference_changes_are_free():
+    from pipeline.config import config_changes, to_dict
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.lr=0", "train.epochs=0", "infer.threshold=3"])
+    assert str(e.value).count("\n  ") == 3
+    base = to_dict(Config())
+    other = to_dict(load_config(None, ["infer.thresholds=[0.5]", "model.encoder=resnet18"]))
+    assert config_changes(base, other) == ["model.encoder: 'resnet34' -> 'resnet18'"]
+    assert config_changes(base, other, ignore=()) == [
+        "infer.thresholds: [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7] -> [0.5]",
+        "model.encoder: 'resnet34' -> 'resnet18'",
+    ]
+    base["train"].pop("runs_dir")  # a key added after a run was saved is no change
+    assert config_changes(base, to_dict(Config()), ignore=()) == []

@@ -87,10 +87,18 @@ def test_monitor_names_the_metric_it_holds(tiny_cfg):
     assert engine.monitor_key(tiny_cfg("model.classes=3")) == "val_miou"
 
 
-def test_interrupt_signal_raises_in_the_loop():
+def test_a_signal_is_a_request_the_loop_honours_between_steps():
+    """SIGTERM and Ctrl-C only record a request; the loop raises at a step boundary (check); a second
+    signal stops at once. The previous handlers come back."""
     import os
     import signal
 
-    with pytest.raises(engine.Interrupted, match="SIGTERM"), engine.save_on_signal():
-        os.kill(os.getpid(), signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with engine.save_on_signal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # lands here, mid-"step": nothing is raised
+        assert stop.signal == "SIGTERM"
+        with pytest.raises(engine.Interrupted, match="SIGTERM"):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -180,7 +180,8 @@ def test_grouped_folds_balance_empty_tiles_in_mixed_scenes():
 
 
 def test_too_few_groups_is_an_error_that_says_what_to_do():
-    with pytest.raises(FoldsError, match=r"only 3 groups for 5 folds: use --n-folds 3 or fewer"):
+    advice = r"only 3 groups for 5 folds: use 3 folds or fewer \(make train: data.n_folds=3; make folds: -"
+    with pytest.raises(FoldsError, match=advice):
         make_folds(_names(30), _fractions(30, 0, 0), 5, groups=[i % 3 for i in range(30)])
 
 

@@ -70,8 +70,44 @@ def test_sigkill_mid_write_keeps_the_previous_file(tmp_path: Path) -> None:
         child.stdout.close()
         child.stderr.close()
     assert target.read_bytes() == OLD  # the previous version, whole
-    # A kill cannot clean up: only the hidden temp file remains, never a partial target.
+    # A kill cannot clean up: only the hidden temp file remains, never a partial target ...
     assert all(n.startswith(".model.pt.") and n.endswith(".tmp") for n in leftovers(tmp_path, target))
+    # ... which the next run, tune or submit removes: its writer is gone (issue 12).
+    assert pio.remove_stale_temps(tmp_path) == [tmp_path / temps[0]]
+    assert leftovers(tmp_path, target) == []
+
+
+def test_only_temps_of_gone_writers_are_removed(tmp_path: Path) -> None:
+    import time
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    names = {
+        "dead writer": f".last.pt.{int(gone.stdout)}@{pio.HOST}.a1b2c3d4.tmp",
+        "live writer": f".best.pt.{os.getpid()}@{pio.HOST}.a1b2c3d4.tmp",
+        "other host, new": f".last.pt.{int(gone.stdout)}@elsewhere.a1b2c3d4.tmp",
+        "other host, 2 days": f".oof.npz.{int(gone.stdout)}@elsewhere.a1b2c3d4.tmp",
+        "old naming, new": ".manifest.yaml.k3j9x0qa.tmp",
+        "old naming, 2 days": ".folds.csv.k3j9x0qa.tmp",
+        "not ours": ".notes.tmp",
+    }
+    (tmp_path / "fold0").mkdir()
+    for what, name in names.items():
+        p = tmp_path / "fold0" / name
+        p.write_bytes(b"x")
+        if "2 days" in what:
+            os.utime(p, (time.time() - 2 * 86400,) * 2)
+    removed = {p.name for p in pio.remove_stale_temps(tmp_path)}
+    assert removed == {names[k] for k in ("dead writer", "other host, 2 days", "old naming, 2 days")}
+
+
+def test_check_writable_names_the_folder(tmp_path: Path, monkeypatch) -> None:
+    pio.check_writable(tmp_path / "new" / "subs")  # made if missing, probe removed
+    assert list((tmp_path / "new" / "subs").iterdir()) == []
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    with pytest.raises(OSError, match="cannot write there") as e:
+        pio.check_writable(tmp_path / "subs")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "subs")
+    assert list((tmp_path / "subs").iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- (b) disk full

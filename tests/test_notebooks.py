@@ -111,13 +111,15 @@ def test_03_submission(demo_run: DemoRun) -> None:
         EXAMPLES=4,
         WORST=2,
     )
-    # predicted fractions, masks over tiles, test Dice histogram, worst tiles
-    assert len(_outputs(nb, "image/png")) == 4
+    # predicted fractions, masks over tiles, test Dice histogram, worst tiles, building outlines
+    assert len(_outputs(nb, "image/png")) == 5
     truth = demo_run.data / "test_a_mask.csv"
     with Image.open(next((demo_run.data / "test_a").iterdir())) as im:
         shape = im.size[::-1]
     expected = score_submission(demo_run.submission, truth, shape)
     assert f"test mean Dice {expected['dice']:.4f} over {expected['n']} tiles" in _text(nb)
+    b = expected["buildings"]
+    assert f"F1 {b['f1']:.4f}  (TP {b['tp']}, FP {b['fp']}, FN {b['fn']})" in _text(nb)
     # the first tile was written empty; no mask is full
     counts = rf"masks\s+{expected['n']}\s+1\s+0\s"
     assert any(re.search(r"tiles\s+empty\s+full.*\n\s*" + counts, t) for t in _outputs(nb, "text/plain"))

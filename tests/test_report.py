@@ -20,13 +20,14 @@ def test_report_writes_every_figure(demo_run, tmp_path: Path) -> None:
         "threshold_curve.png",
         "oof_dice_histogram.png",
         "worst_tiles.png",
+        "building_outlines.png",
     ]
     for p in paths:
         with Image.open(p) as im:
             assert im.format == "PNG" and min(im.size) > 100
     assert not list((tmp_path / "report").glob(".*.tmp")), "temporary files left behind"
     assert main([str(demo_run.run), "--data", str(demo_run.data), "--out", str(tmp_path / "cli")]) == 0
-    assert len(list((tmp_path / "cli").glob("*.png"))) == 7
+    assert len(list((tmp_path / "cli").glob("*.png"))) == 8
 
 
 def test_report_cli_names_the_missing_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -90,6 +90,24 @@ def test_predict_scene_matches_in_memory_blend(tmp_path: Path) -> None:
     assert stats.n_batches == len(grid.row_offsets) * 1  # 3 columns, batch_size 8 -> one batch per tile row
 
 
+def test_predict_scene_writes_cloud_optimised_geotiffs_and_probabilities(tmp_path: Path) -> None:
+    """The mask is a COG (tiled, deflate, overviews); probs_path adds round(p * 255), here exactly red."""
+    rgb, _ = _scene(1000, 1300)
+    _write_tif(tmp_path / "scene.tif", rgb)
+    src, probs = tmp_path / "scene.tif", tmp_path / "probs.tif"
+    predict_scene(src, tmp_path / "mask.tif", _red_prob, tile=256, overlap=64, probs_path=probs)
+    for path in (tmp_path / "mask.tif", probs):
+        with rasterio.open(path) as out:
+            assert out.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert out.block_shapes == [(256, 256)] and out.profile["compress"] == "deflate"
+            assert out.overviews(1) == [2, 4, 8]
+            assert out.crs == CRS_UTM and out.transform == TRANSFORM
+    with rasterio.open(probs) as out:
+        np.testing.assert_array_equal(out.read(1), rgb[..., 0])
+    with pytest.raises(ValueError, match="binary runs only"):
+        predict_scene(src, tmp_path / "ids.tif", _red_prob, classes=3, probs_path=probs)
+
+
 def test_predict_scene_memory_is_a_strip_not_the_scene(tmp_path: Path) -> None:
     height, width, tile, overlap = 6000, 256, 128, 32
     rgb = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)

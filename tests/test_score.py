@@ -77,6 +77,41 @@ def test_score_cli_writes_the_score_next_to_the_submission(tmp_path, capsys):
     assert "competition Dice 0.5556" in printed and "mean IoU" in printed
 
 
+def test_score_submission_counts_buildings(tmp_path, capsys):
+    """Per building, IoU >= 0.5: a's 8-px prediction holds its 4-px truth (IoU 0.5, a match); c is missed."""
+    sub, truth = _known_pair(tmp_path)
+    b = score.score_submission(sub, truth, (4, 4))["buildings"]
+    assert (b["tp"], b["fp"], b["fn"]) == (1, 0, 1) and b["f1"] == pytest.approx(2 / 3)
+    assert b["by_size"]["small"]["tp"] == 1 and b["unit"] == "px"
+    assert score.main([str(sub), "--truth", str(truth), "--size", "4"]) == 0
+    assert "F1 0.6667  (TP 1, FP 0, FN 1)" in capsys.readouterr().out
+    assert json.loads(Path(f"{sub}.score.json").read_text())["buildings"]["fn"] == 1
+
+
+def test_score_cli_footprints(tmp_path, capsys):
+    """make score FOOTPRINTS= TRUTH=: polygons against a true mask GeoTIFF; bad input is one error line."""
+    from synthetic_scenes import write_tif
+
+    from pipeline import footprints
+
+    truth = np.zeros((40, 40), np.uint8)
+    truth[2:10, 2:10] = truth[20:30, 20:30] = 1
+    write_tif(tmp_path / "truth.tif", truth)
+    pred = truth.copy()
+    pred[20:30, 20:30] = 0  # one building missed
+    write_tif(tmp_path / "pred.tif", pred)
+    footprints.write_footprints(footprints.vectorize_raster(tmp_path / "pred.tif"), tmp_path / "b.gpkg")
+    truth_arg = ["--truth", str(tmp_path / "truth.tif")]
+    assert score.main(["--footprints", str(tmp_path / "b.gpkg"), *truth_arg]) == 0
+    assert "F1 0.6667  (TP 1, FP 0, FN 1)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.gpkg.score.json").read_text())["n_truth"] == 2
+    assert score.main(["--footprints", str(tmp_path / "b.gpkg")]) == 2  # the default --truth is a CSV
+    (tmp_path / "bad.gpkg").write_text("no")
+    assert score.main(["--footprints", str(tmp_path / "bad.gpkg"), *truth_arg]) == 2
+    err = capsys.readouterr().err
+    assert "--footprints needs --truth" in err and "bad.gpkg" in err and "Traceback" not in err
+
+
 def test_binary_confusion_matches_the_general_matrix():
     rng = np.random.default_rng(0)
     p, t = rng.integers(0, 2, (70, 9, 11), dtype=np.uint8), rng.integers(0, 2, (70, 9, 11), dtype=np.uint8)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +101,38 @@ def test_disk_full_leaves_no_partial_submission(tiny_run, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         submit.make_submission(load_manifest(run), cfg.data, tmp_path, device="cpu", num_workers=0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fault", ["not-a-folder", "disk-full"])
+def test_unwritable_output_fails_before_predicting(tiny_run, tmp_path, monkeypatch, capsys, fault):
+    """A read-only or full output folder was found only after predicting every tile (issue 12)."""
+    cfg, run = tiny_run
+    out = tmp_path / "subs"
+    if fault == "not-a-folder":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "subs"
+    else:
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+
+    def never(*a, **k):
+        raise AssertionError("predicted before checking the output folder")
+
+    monkeypatch.setattr(submit, "load_ensemble", never)
+    data = f"--data={cfg.data.root}"
+    assert submit.main(["--run", str(run), data, "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and str(out.parent) in err
+
+
+def test_submit_removes_temp_files_of_killed_writes(tiny_run, tmp_path):
+    from pipeline.io import HOST
+
+    cfg, run = tiny_run
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    stale = tmp_path / f".sub-none-20250101-000000.csv.{int(gone.stdout)}@{HOST}.a1b2c3d4.tmp"
+    stale.write_text("half a submission")
+    submit.make_submission(load_manifest(run), cfg.data, tmp_path, tta="none", device="cpu", num_workers=0)
+    assert not stale.exists()
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -65,40 +66,70 @@ def test_end_to_end_two_folds_then_submit(tiny_cfg, tmp_path):
     assert Path(f"{result.path}.score.json").is_file()
 
 
-def _interrupt_at(monkeypatch, at_call: int):
-    """Make the n-th training step raise KeyboardInterrupt (as Ctrl-C would)."""
-    calls = {"n": 0}
+def _signal_inside_step(monkeypatch, at_call: int, sig: int) -> list[float]:
+    """Deliver ``sig`` to this process inside the ``at_call``-th training step (0: never), right after its
+    optimizer step: the worst moment (the weights have moved, the step is not yet counted). Returns the
+    list that gets, per step, a draw of torch's RNG as the model's dropout would see it."""
+    calls, draws = {"n": 0}, []
     real = engine.TrainStep.__call__
 
     def step(self, *a, **k):
+        draws.append(float(torch.rand(())))
+        out = real(self, *a, **k)
         calls["n"] += 1
         if calls["n"] == at_call:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
+            os.kill(os.getpid(), sig)
+        return out
 
     monkeypatch.setattr(engine.TrainStep, "__call__", step)
+    return draws
 
 
-def test_interrupt_then_resume_matches_uninterrupted(tiny_cfg, monkeypatch, tmp_path):
-    """Ctrl-C mid-epoch saves last.pt at that step; resuming gives the same result as never stopping."""
-    cfg = tiny_cfg("train.epochs=3", "name=resumed", "train.deterministic=true")
-    steps_per_epoch = 12 // 4  # 24 tiles, 2 folds, batch 4
-    _interrupt_at(monkeypatch, steps_per_epoch + 2)  # epoch 2, after its first step
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_mid_epoch_then_resume_matches_uninterrupted(tiny_cfg, monkeypatch, sig):
+    """SIGTERM or Ctrl-C during a step saves last.pt at the end of that step; resuming gives the same
+    metrics, and the same random draws, as never stopping. (A signal used to raise wherever it landed:
+    last.pt then held weights a step ahead of its counters, and the resumed run repeated the batch.)"""
+    extra = ("train.epochs=2", "train.max_steps_per_epoch=3", "train.deterministic=true")
+    cfg = tiny_cfg("name=resumed", *extra)
+    draws = _signal_inside_step(monkeypatch, 3 + 2, sig)  # epoch 2, inside its second step
     with pytest.raises(SystemExit) as e:
         train.run(cfg, folds=[0])
     assert e.value.code == 130
     state = load_checkpoint(Path(cfg.train.runs_dir) / "resumed/fold0/last.pt")
-    assert (state["epoch"], state["step_in_epoch"]) == (1, 1)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 5)
     monkeypatch.undo()
+    resumed_draws = _signal_inside_step(monkeypatch, 0, sig)
     train.run(cfg, folds=[0])
     resumed = pd.read_csv(Path(cfg.train.runs_dir) / "resumed/fold0/metrics.csv")
-    assert list(resumed["epoch"]) == [1, 2, 3]
-
-    straight_cfg = tiny_cfg("train.epochs=3", "name=straight", "train.deterministic=true")
-    train.run(straight_cfg, folds=[0])
-    straight = pd.read_csv(Path(cfg.train.runs_dir) / "straight/fold0/metrics.csv")
+    assert list(resumed["epoch"]) == [1, 2]
+    monkeypatch.undo()
+    straight_draws = _signal_inside_step(monkeypatch, 0, sig)
+    straight = train.run(tiny_cfg("name=straight", *extra), folds=[0])
+    straight = pd.read_csv(straight / "fold0/metrics.csv")
     cols = ["train_loss", "val_loss", "val_dice", "val_iou"]
     np.testing.assert_allclose(resumed[cols].to_numpy(), straight[cols].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert draws + resumed_draws == straight_draws and len(straight_draws) == 6
+
+
+def test_second_signal_stops_at_once_without_saving(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg("train.epochs=2", "train.max_steps_per_epoch=2")
+    real = engine.TrainStep.__call__
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 2, first step: two Ctrl-C before the step is done
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine.TrainStep, "__call__", step)
+    with pytest.raises(SystemExit) as e:
+        train.run(cfg, folds=[0])
+    assert e.value.code == 130
+    state = load_checkpoint(Path(cfg.train.runs_dir) / "tiny/fold0/last.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # the last consistent state: epoch 1's end
 
 
 def test_same_seed_same_metrics(tiny_cfg):
@@ -119,8 +150,10 @@ def test_finished_fold_is_not_retrained(tiny_cfg, capsys):
 
 
 def test_resume_with_changed_config_is_refused(tiny_cfg):
+    from pipeline.runs import RunError
+
     train.run(tiny_cfg("train.epochs=1"), folds=[0])
-    with pytest.raises(train.TrainingError, match="different config"):
+    with pytest.raises(RunError, match=r"another config \(optim.lr: 0.003 -> 0.1\)"):
         train.run(tiny_cfg("train.epochs=1", "optim.lr=0.1"), folds=[0])
 
 
@@ -209,13 +242,15 @@ def test_two_process_ddp_matches_single_process_outputs(tiny_cfg, tmp_path):
     data = engine.fold_data(cfg, source, folds_df, 0, Dist(), torch.device("cpu"))
     model = build_model(cfg)
     model.load_state_dict(load_checkpoint(ddp / "fold0/best.pt")["model"])
-    metrics, _ = evaluate(model, data.val_loader, None, cfg, torch.device("cpu"), Dist())
+    metrics = evaluate(model, data.val_loader, None, cfg, torch.device("cpu"), Dist())
     for key in ("val_dice", "val_iou", "val_acc"):
         assert m_ddp[key].iloc[0] == pytest.approx(metrics[key], abs=1e-6), key  # float32 per image
     # ... and the OOF file rank 0 wrote is exactly what one process predicts with those weights and TTA.
-    _, kept = evaluate(model, data.val_loader, None, cfg, torch.device("cpu"), Dist(), cfg.infer.tta, True)
+    kept: list[np.ndarray] = []
+    cpu = torch.device("cpu")
+    evaluate(model, data.val_loader, None, cfg, cpu, Dist(), cfg.infer.tta, lambda _, a: kept.append(a))
     with np.load(ddp / "fold0/oof.npz") as z:
-        np.testing.assert_array_equal(z["probs"], np.stack([kept[i] for i in range(len(kept))]))
+        np.testing.assert_array_equal(z["probs"], np.concatenate(kept))
     # Trained: the weights moved away from the initialisation (both ranks start from seed + fold).
     torch.manual_seed(cfg.train.seed + 0)
     init = build_model(cfg).state_dict()
@@ -284,7 +319,7 @@ def test_resume_on_edited_run_folds_is_refused(tiny_cfg, demo_root, tmp_path):
 
 def test_patience_stops_when_the_score_stalls(tiny_cfg, monkeypatch):
     flat = {"val_loss": 1.0, "val_dice": 0.5, "val_iou": 0.4, "val_acc": 0.9}
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (dict(flat), {}))
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: dict(flat))
     monkeypatch.setattr(train, "write_oof", lambda *a, **k: None)
     monkeypatch.setattr(train.tune, "tune_run", lambda *a, **k: {"n_oof": 0})
     monkeypatch.setattr(train.tune, "format_table", lambda t: "")
@@ -306,3 +341,181 @@ def test_ema_weights_are_what_best_pt_holds(tiny_cfg):
     assert all(torch.equal(best[k], ema[k]) for k in best)
     floats = [k for k, v in best.items() if v.is_floating_point() and "running" not in k]
     assert any(not torch.equal(best[k], last["model"][k]) for k in floats), "EMA equals the raw weights"
+
+
+def _make_train_command(cfg_path: Path, data: str, **make_vars: str) -> list[str]:
+    """The command `make train` runs for these variables (make -n), with torchrun as a module."""
+    args = [f"{k}={v}" for k, v in {"CONFIG": str(cfg_path), "FOLDS": "0", "DATA": data, **make_vars}.items()]
+    out = subprocess.run(["make", "-n", "train", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    line = out.stdout.replace("\\\n", " ").splitlines()[-1].split()
+    assert line[0].endswith(".venv/bin/torchrun"), line
+    return [sys.executable, "-m", "torch.distributed.run", *line[1:]]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.distributed, "is_gloo_available") or not torch.distributed.is_gloo_available(),
+    reason="gloo backend not available",
+)
+def test_two_nodes_over_loopback_train_what_one_node_trains(tiny_cfg, tmp_path):
+    """`make train NODES=2 NODE_RANK=k MASTER=host:port` (two local "nodes", one process each, gloo over
+    loopback) trains exactly the model `make train GPUS=2` trains on one machine."""
+    runs = {}
+    for name, nodes in (("one-node", 1), ("two-nodes", 2)):
+        cfg = tiny_cfg("train.epochs=1", f"name={name}", "train.batch_size=2")
+        save_config(cfg, tmp_path / f"{name}.yaml")
+        if nodes == 1:
+            cmds = [_make_train_command(tmp_path / f"{name}.yaml", cfg.data.root, GPUS="2")]
+        else:
+            master = f"127.0.0.1:{_free_port()}"
+            node = {"NODES": "2", "MASTER": master}
+            cmds = [
+                _make_train_command(tmp_path / f"{name}.yaml", cfg.data.root, NODE_RANK=str(k), **node)
+                for k in (0, 1)
+            ]
+        # torchrun sets OMP_NUM_THREADS=1 only when it starts several processes on a machine; with one
+        # per "node" each would use every core, and threaded CPU kernels sum in another order.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "env": env}
+        procs = [subprocess.Popen(c, cwd=ROOT, **pipe) for c in cmds]
+        for p in procs:
+            out = p.communicate(timeout=300)[0]
+            assert p.returncode == 0, out[-3000:]
+        runs[name] = Path(cfg.train.runs_dir) / name
+    one = load_checkpoint(runs["one-node"] / "fold0/last.pt")["model"]
+    two = load_checkpoint(runs["two-nodes"] / "fold0/last.pt")["model"]
+    assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+    m1, m2 = (pd.read_csv(r / "fold0/metrics.csv").drop(columns="seconds") for r in runs.values())
+    pd.testing.assert_frame_equal(m1, m2)
+
+
+# ----------------------------------------------------------------------------- one run, one owner, one config
+ONE_STEP = ("train.epochs=1", "train.max_steps_per_epoch=1")
+
+
+def test_a_run_in_use_is_refused_and_a_dead_owners_lock_taken_over(tiny_cfg):
+    """Two `make train` of one run at once would put one run's checkpoints beside the other's config:
+    the second is refused while the first lives; a lock left by a killed run is taken over (issue 12)."""
+    import json
+
+    from pipeline.io import HOST
+    from pipeline.runs import RunError
+
+    cfg = tiny_cfg(*ONE_STEP)
+    runs = Path(cfg.train.runs_dir)
+    runs.mkdir(parents=True)
+    lock = runs / ".tiny.lock"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"pid": owner.pid, "host": HOST, "since": "now", "command": "make train"}))
+        with pytest.raises(RunError, match=rf"in use by process {owner.pid} on this machine.*name=\.\.\."):
+            train.run(cfg, folds=[0])
+        assert not (runs / "tiny").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    train.run(cfg, folds=[0])  # the owner is gone: taken over
+    assert not lock.exists(), "the lock is released at exit"
+
+
+def test_fresh_start_on_an_existing_run_is_refused_or_moves_it_aside(tiny_cfg):
+    """RESUME=0 on an existing run used to overwrite its checkpoints without a word (issue 12)."""
+    from pipeline.runs import RunError
+
+    run_dir = train.run(tiny_cfg(*ONE_STEP), folds=[0])
+    before = (run_dir / "fold0/last.pt").read_bytes()
+    with pytest.raises(RunError, match=r"already holds a run.*name=\.\.\..*--force"):
+        train.run(tiny_cfg(*ONE_STEP, "optim.lr=0.01"), folds=[0], resume=False)
+    assert (run_dir / "fold0/last.pt").read_bytes() == before
+    train.run(tiny_cfg(*ONE_STEP, "optim.lr=0.01"), folds=[0], resume=False, force=True)
+    aside = [p for p in run_dir.parent.iterdir() if p.name.startswith("tiny.old-")]
+    assert len(aside) == 1 and (aside[0] / "fold0/last.pt").read_bytes() == before
+    assert load_yaml(run_dir / "config.yaml")["optim"]["lr"] == 0.01
+    assert load_checkpoint(run_dir / "fold0/last.pt")["config"]["optim"]["lr"] == 0.01
+
+
+def test_another_config_cannot_join_a_run_but_inference_settings_may_change(tiny_cfg):
+    """FOLDS=1 with another config used to train beside fold 0 into one ensemble; and a change of an
+    inference-only setting (infer.*) used to make resume refuse, forcing a retrain (issue 12)."""
+    from pipeline.runs import RunError
+
+    run_dir = train.run(tiny_cfg(*ONE_STEP), folds=[0])
+    with pytest.raises(RunError, match=r"another config \(optim.lr: 0.003 -> 0.01\)"):
+        train.run(tiny_cfg(*ONE_STEP, "optim.lr=0.01"), folds=[1])
+    assert not (run_dir / "fold1").exists()
+    train.run(tiny_cfg(*ONE_STEP, "infer.thresholds=[0.4,0.6]"), folds=[0, 1])
+    assert len(pd.read_csv(run_dir / "threshold_search.csv")) == 2 * len(tiny_cfg().infer.min_areas)
+    assert load_yaml(run_dir / "config.yaml")["infer"]["thresholds"] == [0.4, 0.6]
+
+
+def test_model_typos_are_refused_before_any_folder(tiny_cfg):
+    """An unknown arch or encoder was found after the data check, leaving a half-made run folder."""
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown model.arch 'Unett'.*Did you mean 'Unet'"):
+        train.run(tiny_cfg("model.arch=Unett"))
+    with pytest.raises(ConfigError, match=r"model.encoder='resnet43'.*resnet34"):
+        train.run(tiny_cfg("model.encoder=resnet43"))
+    assert not Path(tiny_cfg().train.runs_dir).exists()
+
+
+def test_run_start_removes_temp_files_of_killed_writes(tiny_cfg):
+    """kill -9 during a checkpoint write leaves a hidden temp file; the next run removes it, and only
+    ours whose writer is gone (issue 12)."""
+    from pipeline.io import HOST
+
+    cfg = tiny_cfg(*ONE_STEP)
+    run_dir = train.run(cfg, folds=[0])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    stale = run_dir / "fold0" / f".last.pt.{int(gone.stdout)}@{HOST}.a1b2c3d4.tmp"
+    legacy = run_dir / ".manifest.yaml.k3j9x0qa.tmp"  # named before the pid was recorded, two days old
+    live = run_dir / "fold0" / f".best.pt.{os.getpid()}@{HOST}.e5f6g7h8.tmp"
+    other = run_dir / "notes.tmp"
+    for p in (stale, legacy, live, other):
+        p.write_bytes(b"x" * 1000)
+    os.utime(legacy, (time.time() - 2 * 86400,) * 2)
+    train.run(cfg, folds=[0])
+    assert [p.exists() for p in (stale, legacy, live, other)] == [False, False, True, True]
+
+
+def _non_square_copy(demo_root: Path, tmp_path: Path, h: int = 48) -> Path:
+    """The demo data cropped to h x 64 (HxW) tiles, masks re-encoded: a set of 640x480-like exports."""
+    from PIL import Image
+
+    from pipeline import rle
+    from pipeline.data import read_mask_csv
+
+    root = _copy_of_demo(demo_root, tmp_path)
+    for folder, csv in (("train", "train_mask.csv"), ("test_a", "test_a_mask.csv")):
+        df = read_mask_csv(root / csv)
+        for name in df["name"]:
+            path = root / folder / name
+            Image.fromarray(np.asarray(Image.open(path))[:h]).save(path, quality=95)
+        masks = [rle.encode(rle.decode(r, (64, 64))[:h]) for r in df["rle"]]
+        (root / csv).write_text("".join(f"{n}\t{m}\n" for n, m in zip(df["name"], masks)))
+    return root
+
+
+def test_non_square_tiles_train_and_submit(tiny_cfg, demo_root, tmp_path):
+    """48x64 tiles (a 640x480-like export) train with D4 augmentation, tune and submit; check_data said
+    "expected 0x0" for them (issue 12)."""
+    from pipeline.check_data import check_dataset
+    from pipeline.runs import load_manifest
+    from pipeline.submit import make_submission
+    from pipeline.validate import validate_submission
+
+    root = _non_square_copy(demo_root, tmp_path)
+    assert check_dataset(root).ok
+    cfg = tiny_cfg(f"data.root={root}", "train.epochs=1", "train.max_steps_per_epoch=2", "infer.tta=d4")
+    run_dir = train.run(cfg, folds=[0])
+    with np.load(run_dir / "fold0/oof.npz") as z:
+        assert z["probs"].shape[1:] == (48, 64)
+    result = make_submission(load_manifest(run_dir), cfg.data, tmp_path / "subs", device="cpu", num_workers=0)
+    assert validate_submission(result.path, root / "test_a_samplesubmit.csv", (48, 64)) == []

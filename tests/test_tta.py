@@ -124,3 +124,23 @@ def test_bad_inputs_say_what_to_do() -> None:
         predict_tta(_pixelwise_model, x, activation="relu")
     with pytest.raises(ValueError, match="batch size, H and W"):
         predict_tta(lambda v: v[:, :1, ::2, ::2], x, tta="flip")
+
+
+def test_max_images_bounds_every_forward_and_changes_nothing() -> None:
+    """16 tiles x 8 D4 views in one forward took 18 GB at 512 px: the cap cuts the merged batch."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+    sizes: list[int] = []
+
+    def model_fn(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        return conv(x)
+
+    x = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        whole = predict_tta(model_fn, x, "d4")
+        assert sizes == [48]
+        sizes.clear()
+        capped = predict_tta(model_fn, x, "d4", max_images=10)
+    assert max(sizes) <= 10 and sum(sizes) == 48
+    torch.testing.assert_close(capped, whole)

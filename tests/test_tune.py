@@ -54,6 +54,25 @@ def test_make_tune_refuses_training_settings(trained, capsys):
     assert "changes only infer.* settings" in capsys.readouterr().err
 
 
+def test_manifest_refuses_checkpoints_of_another_config(trained, capsys):
+    """A run's manifest lists only checkpoints of the run's config (the fold aside): a fold trained with
+    another config (here another learning rate, as a fold copied in from another run) is refused, naming it;
+    listed by hand in manifest.yaml it is an explicit ensemble, which submit accepts (issue 12)."""
+    from pipeline.io import save_checkpoint
+    from pipeline.runs import load_manifest
+
+    _, run_dir = trained
+    state = load_checkpoint(run_dir / "fold1/best.pt")
+    state["config"]["optim"]["lr"] = 0.5
+    save_checkpoint(run_dir / "fold1/best.pt", state)
+    before = (run_dir / "manifest.yaml").read_text()
+    assert tune.main(["--run", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "fold1/best.pt" in err and "optim.lr: 0.003 -> 0.5" in err and "by hand" in err
+    assert (run_dir / "manifest.yaml").read_text() == before, "the manifest must not list the stranger"
+    assert load_manifest(run_dir).checkpoints == ("fold0/best.pt", "fold1/best.pt")  # by hand: accepted
+
+
 def test_tune_without_oof_says_what_to_run(tiny_cfg, tmp_path, capsys):
     from pipeline.config import save_config
 
@@ -83,3 +102,61 @@ def test_format_table_known_rows():
     assert lines[2].split() == ["1", "4", "-", "0.8000", "0.8300"]
     assert lines[3].split() == ["all", "10", "0.7500", "0.8000"]
     assert lines[4] == "threshold 0.45, min_area 16"
+
+
+def _oof_run(root: Path, n: int, size: int = 64) -> tuple[object, Path]:
+    """n generated tiles in the competition layout and a run with synthetic OOF files (no training)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import rle
+    from pipeline.config import Config, DataConfig, save_config
+    from pipeline.folds import make_folds
+    from pipeline.layouts import read_source
+    from pipeline.maskcsv import format_csv
+    from pipeline.runs import oof_writer
+
+    rng = np.random.default_rng(n)
+    (root / "train").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.integers(0, size - 8, 2)
+        mask[y : y + rng.integers(2, 16), x : x + rng.integers(2, 16)] = 1
+        Image.fromarray(np.full((size, size, 3), 90, np.uint8)).save(root / "train" / f"t{i:05d}.png")
+        rows.append((f"t{i:05d}.png", rle.encode(mask)))
+    (root / "train_mask.csv").write_text(format_csv(rows))
+    cfg = Config(name="big", data=DataConfig(root=str(root)))
+    source = read_source(cfg.data, with_test=False)
+    folds = make_folds(source.train.names, source.train.foreground_fraction(), 5, 0)
+    run = root / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    for k in range(5):
+        names = folds.loc[folds["fold"] == k, "name"].tolist()
+        masks = np.asarray(source.train.select(names).masks)
+        probs = (masks * 140 + rng.integers(0, 120, masks.shape)).astype(np.uint8)
+        (run / f"fold{k}").mkdir()
+        with oof_writer(run / f"fold{k}" / "oof.npz", names, "probs") as write:
+            write(range(len(names)), probs)
+    return source, run
+
+
+def test_tuning_memory_does_not_grow_with_the_tiles(tmp_path):
+    """Streamed: more OOF tiles cost only their per-tile counts (54 grid cells, under 4 KB a tile at the
+    peak), never their maps (128 x 128 probabilities + mask = 32 KB a tile here, 512 KB at 512 px)."""
+    import tracemalloc
+
+    from pipeline.config import load_config
+
+    peaks = {}
+    for n in (300, 1200):
+        source, run = _oof_run(tmp_path / f"n{n}", n, size=128)
+        cfg = load_config(run / "config.yaml")
+        tracemalloc.start()
+        tuned = tune.tune_binary(cfg, source, run)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert tuned["n_oof"] == n
+    per_tile = (peaks[1200] - peaks[300]) / 900
+    assert per_tile < 8 * 1024, f"{per_tile:.0f} bytes a tile: are OOF maps held whole?"

@@ -152,3 +152,27 @@ def test_longest_increasing(seq: list[int], length: int) -> None:
     keep = sorted(_longest_increasing(seq))
     assert len(keep) == length
     assert all(seq[a] < seq[b] for a, b in zip(keep, keep[1:]))
+
+
+def test_cli_takes_the_tile_size_from_the_test_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make validate` passes no size: it must come from the test tiles, never an assumed 512 (issue 12)."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "test_a").mkdir()
+    for n in NAMES:  # 8x12 (HxW) tiles: 96 pixels
+        Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tmp_path / "test_a" / n)
+    sample = tmp_path / "test_a_samplesubmit.csv"
+    sample.write_bytes(rows([(n, "") for n in NAMES]))
+    sub = tmp_path / "sub.csv"
+    sub.write_bytes(rows(with_mask(4, "90 7")))  # 90 + 7 - 1 = 96: the last pixel; valid at 8x12
+    assert main([str(sub), "--sample", str(sample)]) == 0, capsys.readouterr().out
+    sub.write_bytes(rows(with_mask(4, "90 8")))  # one pixel past the end of an 8x12 tile, fine at 512
+    assert main([str(sub), "--sample", str(sample)]) == 1
+    out = capsys.readouterr().out
+    assert "row 5 (e.jpg)" in out and "8x12" in out
+    # No sample and no size: there is no tile to measure, so no size is assumed.
+    assert main([str(sub)]) == 2
+    assert "--size" in capsys.readouterr().err

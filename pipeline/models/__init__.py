@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import Config, ModelConfig
+from pipeline.config import Config, ConfigError, ModelConfig
+from pipeline.io import CheckpointError
 from pipeline.models.fcn8s import FCN8s
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "SegModel",
     "build_arch",
     "build_model",
+    "check_model",
     "count_parameters",
     "load_encoder_weights",
 ]
@@ -82,7 +84,7 @@ def _check_encoder(cfg: ModelConfig) -> None:
 
         if not timm.is_model(name[3:]):
             close = difflib.get_close_matches(name[3:], timm.list_models(), n=3)
-            raise ValueError(
+            raise ConfigError(
                 f"model.encoder={name!r}: timm has no model {name[3:]!r}"
                 + (f"; did you mean {', '.join('tu-' + c for c in close)}?" if close else "")
                 + " (see timm.list_models())"
@@ -91,7 +93,7 @@ def _check_encoder(cfg: ModelConfig) -> None:
     names = smp.encoders.get_encoder_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
-        raise ValueError(
+        raise ConfigError(
             f"model.encoder={name!r} is not an smp encoder"
             + (f"; did you mean {', '.join(close)}?" if close else "")
             + " (see segmentation_models_pytorch.encoders.get_encoder_names(), or use 'tu-<timm model name>')"
@@ -111,7 +113,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any failure here means the same to the user: not a readable state dict
-            raise ValueError(
+            raise ConfigError(
                 f"cannot read encoder weights {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                 "save a plain state dict with torch.save(encoder.state_dict(), path)"
             ) from None
@@ -119,7 +121,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
+        raise ConfigError(f"{path} does not hold a state dict (name -> tensor)")
     return dict(state)
 
 
@@ -169,13 +171,13 @@ def load_encoder_weights(encoder: nn.Module, state: dict[str, Tensor] | str | Pa
         else:
             matched[key] = value
     if mismatched:
-        raise ValueError(
+        raise ConfigError(
             f"encoder weights {source} do not fit the encoder ({len(mismatched)} shape mismatches, e.g. "
             + "; ".join(mismatched[:3])
             + "). Check model.encoder and model.in_channels match the encoder the file was saved from"
         )
     if not matched:
-        raise ValueError(
+        raise ConfigError(
             f"encoder weights {source}: none of its {len(state)} tensors has a key of this encoder "
             f"(file keys look like {list(state)[:3]}, encoder keys like {list(own)[:3]}); "
             "save it with torch.save(model.encoder.state_dict(), path)"
@@ -230,7 +232,7 @@ def _fpn(cfg: ModelConfig) -> nn.Module:
 
 def _deeplabv3plus(cfg: ModelConfig) -> nn.Module:
     if cfg.output_stride not in ASPP_RATES:
-        raise ValueError(f"model.output_stride must be one of {sorted(ASPP_RATES)}, got {cfg.output_stride}")
+        raise ConfigError(f"model.output_stride must be one of {sorted(ASPP_RATES)}, got {cfg.output_stride}")
     # smp's ASPP = 1x1 conv + three atrous convs (depthwise-separable by default, as in the paper's
     # Xception variant) + image pooling branch, projected to 256 channels.
     return smp.DeepLabV3Plus(
@@ -242,12 +244,12 @@ def _deeplabv3plus(cfg: ModelConfig) -> nn.Module:
 
 def _fcn8s(cfg: ModelConfig) -> nn.Module:
     if cfg.encoder != "vgg16":
-        raise ValueError(f"FCN8s is built on VGG16: set model.encoder=vgg16 (got {cfg.encoder!r})")
+        raise ConfigError(f"FCN8s is built on VGG16: set model.encoder=vgg16 (got {cfg.encoder!r})")
     net = FCN8s(classes=cfg.classes, in_channels=cfg.in_channels)
     weights = cfg.encoder_weights
     if weights is not None and not _is_local_weights(weights):
         if weights != "imagenet":
-            raise ValueError(f"FCN8s encoder_weights must be null, 'imagenet' or a file, got {weights!r}")
+            raise ConfigError(f"FCN8s encoder_weights must be null, 'imagenet' or a file, got {weights!r}")
         from torchvision.models import VGG16_Weights
 
         # torchvision's VGG16 includes fc6/fc7, which load_encoder_weights convolutionalises.
@@ -275,7 +277,7 @@ def build_arch(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
     if cfg.arch not in ARCHS:
         close = difflib.get_close_matches(cfg.arch, list(ARCHS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model.arch {cfg.arch!r}.{hint} Registered: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown model.arch {cfg.arch!r}.{hint} Registered: {', '.join(ARCHS)}")
     net = ARCHS[cfg.arch](cfg)
     if _is_local_weights(cfg.encoder_weights):
         load_encoder_weights(net.encoder, cfg.encoder_weights)
@@ -311,6 +313,23 @@ class SegModel(nn.Module):
     def encoder(self) -> nn.Module:
         return self.net.encoder
 
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict``; weights that do not fit this architecture are a
+        :class:`CheckpointError` saying so (a checkpoint whose config was edited, or mixed up)."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as e:
+            lines = [x.strip() for x in str(e).splitlines()[1:] if x.strip()]
+            detail = "; ".join(lines)[:400] or str(e)[:400]
+            raise CheckpointError(
+                f"the weights do not fit the model their config describes ({type(self.net).__name__}, "
+                f"{count_parameters(self)} parameters): {detail}. The checkpoint's config and weights do not "
+                "belong together (edited by hand, or copied from another run): use the checkpoint as "
+                "buildseg wrote it, or retrain"
+            ) from None
+
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:
             raise ValueError(
@@ -336,11 +355,31 @@ def build_model(cfg: Config, pretrained: bool = True) -> SegModel:
     whose checkpoint is loaded right after (inference, resume).
     """
     if len(cfg.data.mean) != cfg.model.in_channels:
-        raise ValueError(
+        raise ConfigError(
             f"data.mean/std have {len(cfg.data.mean)} values but model.in_channels={cfg.model.in_channels}; "
             "give one mean and std per input channel"
         )
     return SegModel(build_arch(cfg.model, pretrained), cfg.data.mean, cfg.data.std, cfg.model.classes)
+
+
+def check_model(cfg: Config) -> None:
+    """Raise :class:`ConfigError` unless ``cfg``'s model can be built: a registered ``model.arch``, an
+    encoder smp or timm knows, settings the architecture accepts, an existing local weights file.
+
+    Builds the network on the meta device (no memory, no download, ~0.1 s), so a typo in the config
+    fails before the data check and before any run folder is made, not after them.
+    """
+    try:
+        _is_local_weights(cfg.model.encoder_weights)
+        with torch.device("meta"):
+            build_model(cfg, pretrained=False)
+    except ConfigError:
+        raise
+    except Exception as e:  # whatever smp or timm raise for settings they refuse
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"model.arch={cfg.model.arch} model.encoder={cfg.model.encoder} cannot be built: {first}"
+        ) from None
 
 
 def count_parameters(model: nn.Module) -> int:
