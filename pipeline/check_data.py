@@ -38,9 +38,10 @@ from pipeline.config import DataConfig
 from pipeline.data import DataError, list_images
 from pipeline.errors import cli
 from pipeline.layouts import layout
+from pipeline.maskcsv import CsvRow, CsvScan, Problem, rle_problem, scan_csv
 
 # The scanner and the RLE check live with the format; pipeline.validate imports them from here too.
-from pipeline.maskcsv import CsvRow, CsvScan, Problem, rle_problem, scan_csv
+from pipeline.progress import progress
 
 
 @dataclass
@@ -177,9 +178,12 @@ class _Checker:
                     hints.fix(r.name, r.row),
                     "missing-image",
                 )
+        bar = progress(len(rows), f"check {dir_name}/", unit="tile")
         for r in rows:
             if r.name in have:
                 self.image(dir_name, r.name)
+            bar.update(1)
+        bar.close()
 
     def unlisted(
         self, csv_name: str, rows: list[CsvRow], dir_name: str, present: list[str], why: str

@@ -9,6 +9,9 @@ it (``make predict-scene``; :func:`pipeline.infer.predict_scene_file` supplies t
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,14 +21,15 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.errors import NotGeoreferencedWarning
-from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
-from pipeline.io import atomic_write
+from pipeline.io import atomic_write, temp_prefix
 from pipeline.postprocess import binarize
+from pipeline.progress import progress
 from pipeline.tiling import TileGrid, blend_window, check_rgb, open_raster, pad_to, read_rgb
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
+GDAL_CACHE_MB = 64  # GDAL block cache while writing a scene mask
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def _open_output(
 
     GeoTIFFs come out Cloud-Optimised (tiled 256x256, deflate, overviews with ``resampling``), so QGIS
     and web viewers open large scenes fast. COG is a copy-only format: the strips go into a tiled,
-    compressed GeoTIFF in memory first, which GDAL then copies with overviews.
+    compressed GeoTIFF in a temporary file first, which GDAL then copies with overviews.
     """
     if not path:
         yield None
@@ -89,15 +93,31 @@ def _open_output(
             with rasterio.open(f, "w", **profile) as dst:
                 yield dst
             return
-        with MemoryFile() as strips, MemoryFile() as cog:
-            with strips.open(**profile) as dst:
-                yield dst
-            with strips.open() as tiled:
-                rasterio.shutil.copy(
-                    tiled, cog.name, driver="COG", compress="deflate", blocksize=256,
-                    overview_resampling=resampling, bigtiff="IF_SAFER",
-                )
-            f.write(cog.read())
+        # The strips go to a temporary file beside the output (named so a later run removes it if this
+        # one is killed), not to memory: memory stays flat in the scene's height. GDAL's block cache
+        # is capped for the same reason (its default is 5% of RAM).
+        strips, cog = (_temp_beside(Path(path)) for _ in range(2))
+        try:
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+                with rasterio.open(strips, "w", **{**profile, "driver": "GTiff"}) as dst:
+                    yield dst
+                with rasterio.open(strips) as tiled:
+                    rasterio.shutil.copy(
+                        tiled, cog, driver="COG", compress="deflate", blocksize=256,
+                        overview_resampling=resampling, bigtiff="IF_SAFER",
+                    )
+            with open(cog, "rb") as c:
+                shutil.copyfileobj(c, f, 1 << 20)
+        finally:
+            strips.unlink(missing_ok=True)
+            cog.unlink(missing_ok=True)
+
+
+def _temp_beside(path: Path) -> Path:
+    """An empty temporary file beside ``path``, named so a later run removes it if this one is killed."""
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 class _StripBlender:
@@ -130,6 +150,17 @@ class _StripBlender:
             buf[:keep] = buf[done:]
             buf[keep:] = 0
         return probs
+
+
+def _check_args(foreground: int, batch_size: int, classes: int, probs_path: str | Path | None) -> None:
+    if foreground not in (1, 255):
+        raise ValueError(f"foreground must be 1 or 255, got {foreground}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= classes <= 256:
+        raise ValueError(f"classes must be 1 (binary) or 2..256 (uint8 class ids), got {classes}")
+    if probs_path is not None and (classes > 1 or Path(probs_path).suffix.lower() not in (".tif", ".tiff")):
+        raise ValueError(f"{probs_path}: probabilities are written for binary runs only, as a .tif GeoTIFF")
 
 
 def predict_scene(
@@ -168,18 +199,11 @@ def predict_scene(
             (a COG like the mask, averaged overviews), e.g. for :mod:`pipeline.footprints` attributes.
 
     Memory: one strip of tile rows of RGB ([tile, W, 3] uint8), one batch of tiles and predictions,
-    and the :class:`_StripBlender` buffers of ``min(tile, H)`` x W. The GeoTIFF is assembled
-    compressed in memory, copied as a COG and written atomically; PNG buffers the mask.
+    and the :class:`_StripBlender` buffers of ``min(tile, H)`` x W. The GeoTIFF's strips go to a
+    temporary file, which is copied as a COG and written atomically; PNG buffers the mask.
     """
     src_path, dst_path = Path(src_path), Path(dst_path)
-    if foreground not in (1, 255):
-        raise ValueError(f"foreground must be 1 or 255, got {foreground}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 1 <= classes <= 256:
-        raise ValueError(f"classes must be 1 (binary) or 2..256 (uint8 class ids), got {classes}")
-    if probs_path is not None and (classes > 1 or Path(probs_path).suffix.lower() not in (".tif", ".tiff")):
-        raise ValueError(f"{probs_path}: probabilities are written for binary runs only, as a .tif GeoTIFF")
+    _check_args(foreground, batch_size, classes, probs_path)
     with open_raster(src_path) as src:
         check_rgb(src, src_path)
         height, width = src.height, src.width
@@ -193,7 +217,9 @@ def predict_scene(
             with _open_output(dst_path, src) as dst, _open_output(probs_path, src, "average") as pdst:
                 if classes > 1 and colors:
                     dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colors)})
+                bar = progress(len(grid), f"predict {src_path.name}", unit="window")
                 for k, r in enumerate(rows):
+                    bar.update(len(cols))
                     strip = read_rgb(src, Window(0, r, width, th))
                     for b in range(0, len(cols), batch_size):
                         batch_cols = cols[b : b + batch_size]
@@ -211,4 +237,5 @@ def predict_scene(
                     if pdst is not None:  # the OOF files' uint8 scale: round(p * 255)
                         pdst.write(np.rint(probs * 255).astype(np.uint8), 1, window=Window(0, r, width, done))
                     flushed.append(done)
+    bar.close()
     return SceneStats(height, width, len(grid), n_batches, th, tuple(flushed))
