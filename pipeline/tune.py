@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipeline import postprocess
 from pipeline.config import Config, ConfigError, config_changes, load_config, to_dict
-from pipeline.data import DataError, build_transforms
+from pipeline.data import DataError, build_transforms, release_pages
 from pipeline.engine import monitor_key
 from pipeline.errors import BuildsegError, cli
 from pipeline.io import (
@@ -65,6 +65,7 @@ def iter_oof(run_dir: Path, source: Source, binary: bool) -> Iterator[tuple[int,
             except DataError as e:
                 raise TuneError(str(e)) from None
             yield fold, arr, truths
+            release_pages(source.train.masks)  # a scan of every mask must not keep them resident
             bar.update(len(names))
     bar.close()
 

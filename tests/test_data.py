@@ -224,3 +224,21 @@ def test_foreground_fraction_of_the_competition_masks_is_the_building_fraction(d
     train = read_source(DataConfig(root=str(demo_root)), with_test=False).train
     expected = np.asarray(train.masks).reshape(len(train), -1).mean(axis=1)
     assert (train.foreground_fraction() == expected).all()  # bit for bit: the folds depend on it
+
+
+def test_mask_cache_is_written_chunk_by_chunk_and_reports_every_bad_row(monkeypatch, tmp_path):
+    monkeypatch.setattr(data_mod, "DECODE_CHUNK", 3)
+    monkeypatch.setenv("BUILDSEG_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    masks = (rng.random((7, 6, 5)) > 0.6).astype(np.uint8)
+    rles = [rle.encode(m) for m in masks]
+    cached = data_mod.decode_masks(rles, (6, 5), "t.csv", [f"t{i}" for i in range(7)])
+    np.testing.assert_array_equal(np.asarray(cached), masks)
+    data_mod.release_pages(cached)  # drops resident pages only: the masks read back the same
+    np.testing.assert_array_equal(np.asarray(cached), masks)
+    bad = list(rles)
+    bad[1], bad[5] = "1 2 3", "0 4"  # one malformed row in each of two chunks
+    with pytest.raises(rle.RLEError) as e:
+        data_mod.decode_masks(bad, (6, 5), "t.csv", [f"t{i}" for i in range(7)])
+    assert "t1" in str(e.value) and "t5" in str(e.value)
+    assert not list((tmp_path / "cache").glob(".*.tmp")), "a failed decode left its temp file"

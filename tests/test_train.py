@@ -346,8 +346,12 @@ def test_ema_weights_are_what_best_pt_holds(tiny_cfg):
 def _make_train_command(cfg_path: Path, data: str, **make_vars: str) -> list[str]:
     """The command `make train` runs for these variables (make -n), with torchrun as a module."""
     args = [f"{k}={v}" for k, v in {"CONFIG": str(cfg_path), "FOLDS": "0", "DATA": data, **make_vars}.items()]
-    out = subprocess.run(["make", "-n", "train", *args], cwd=ROOT, capture_output=True, text=True, check=True)
-    line = out.stdout.replace("\\\n", " ").splitlines()[-1].split()
+    # Under `make test` the outer make's MAKELEVEL/MAKEFLAGS would add "make[1]: ..." lines: drop them.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    cmd = ["make", "--no-print-directory", "-n", "train", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+    lines = [ln for ln in out.stdout.replace("\\\n", " ").splitlines() if "-m pipeline.train" in ln]
+    line = lines[-1].split()
     assert line[0].endswith(".venv/bin/torchrun"), line
     return [sys.executable, "-m", "torch.distributed.run", *line[1:]]
 
