@@ -36,6 +36,7 @@ from rasterio.windows import Window
 
 from pipeline import buildings, runs
 from pipeline.config import ConfigError
+from pipeline.errors import cli
 from pipeline.io import atomic_write_bytes
 from pipeline.tiling import open_raster
 from pipeline.vectorize import WINDOW, FootprintError, Reader, VectorizeOptions, metric_frame, vectorize
@@ -227,6 +228,7 @@ def summary(frame: gpd.GeoDataFrame) -> str:
     return f"{n} buildings, total area {total:,.0f} m² (mean {total / n:,.1f} m²)"
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.footprints", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
