@@ -27,7 +27,8 @@ DATA_ARG = $(if $(filter command line environment environment override,$(origin 
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-data folds train tune submit score validate check-data test test-all lint bench \
-        bench-accuracy bench-models bench-scale bench-footprints lab report predict predict-scene footprints clean
+        bench-accuracy bench-proxy bench-models bench-scale bench-footprints lab report predict predict-scene footprints \
+        weights pseudo clean
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,6 +55,12 @@ folds: $(STAMP) ## write DATA/folds.csv (stratified by building fraction, groupe
 check-data: $(STAMP) ## report every problem of a data folder (DATA=...)
 	$(PY) -m pipeline.check_data $(DATA)
 
+# Pretrained encoder weights as a file, for a machine without internet: run it where the internet is
+# reachable, copy OUT over, and train there with ARGS=model.encoder_weights=OUT.
+weights: $(STAMP) ## save pretrained encoder weights to a file (ENCODER=resnet34 OUT=weights/resnet34-imagenet.pth WEIGHTS= ARCH=)
+	$(PY) -m pipeline.weights $(if $(ENCODER),--encoder $(ENCODER)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+	  $(if $(ARCH),--arch $(ARCH)) $(if $(IN_CHANNELS),--in-channels $(IN_CHANNELS)) $(if $(OUT),--out $(OUT))
+
 tune: $(STAMP) ## re-tune a trained run's threshold/min-area on its OOF files, no retraining (RUN= ARGS="infer.thresholds=[..]")
 	$(PY) -m pipeline.tune $(if $(RUN),--run $(RUN)) $(DATA_ARG) $(ARGS)
 
@@ -68,7 +75,12 @@ train: $(STAMP) ## train all folds (DATA= CONFIG= FOLDS=0,1 GPUS=N NODES=M NODE_
 	$(LAUNCH) -m pipeline.train --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) \
 	  $(if $(filter 0,$(RESUME)),--no-resume) $(if $(filter 1,$(FORCE)),--force) data.root=$(DATA) $(ARGS)
 
-submit: $(STAMP) ## predict the test tiles with the newest run (RUN= DATA= TTA=none|flip|d4) and validate
+# Pseudo-labelling (pipeline.pseudo): the run labels the test tiles it is sure of (p <= low or >= high,
+# the rest ignored), then <run>-pseudo trains on them too, validated on the run's own folds.
+pseudo: $(STAMP) ## label the test tiles with a run, train <run>-pseudo on them too (RUN=runs/x FOLDS=0 DATA= ARGS="--low 0.3 --high 0.7 --tta d4 key=value")
+	$(PY) -m pipeline.pseudo --run $(RUN) $(if $(FOLDS),--folds $(FOLDS)) $(ARGS) $(if $(DATA_ARG),data.root=$(DATA))
+
+submit: $(STAMP) ## predict the test tiles with the newest run (RUN= DATA= TTA=none|flip|d4|ms|d4_ms) and validate
 	$(PY) -m pipeline.submit $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
 	  $(if $(TTA),--tta $(TTA))
 
@@ -112,6 +124,10 @@ bench: $(STAMP) ## CPU benchmarks -> bench/results/*.json (RLE codec; tiny-size 
 	$(PY) -m bench.train_throughput --tiny
 	$(PY) -m bench.infer_throughput --tiny
 	$(PY) -m bench.models --tiny
+
+RECIPES ?= default
+bench-proxy: $(STAMP) ## CPU proxy of accuracy: recipes on the real tiles at 128 px, 2 seeds (RECIPES="default swa" PLAIN=1)
+	$(PY) -m bench.proxy $(foreach r,$(RECIPES),--recipe $(r)) $(if $(filter 1,$(PLAIN)),--plain)
 
 bench-models: $(STAMP) ## every architecture: parameters, GPU train/infer img/s at 512 bf16 (--tiny on CPU)
 	$(PY) -m bench.models $(if $(shell $(PY) -c "import torch;print(torch.cuda.is_available() or '')"),,--tiny)

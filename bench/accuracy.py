@@ -82,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             root, over, out_name = a.data or real_data_dir(), [], a.out
         name = [f"name={a.recipe}"] if a.recipe else []
-        cfg = load_config(a.config, [f"data.root={root}", *over, *name, *a.overrides])
+        # Random init unless an override says otherwise: the recorded rows were measured that way.
+        base = [f"data.root={root}", "model.encoder_weights=null"]
+        cfg = load_config(a.config, [*base, *over, *name, *a.overrides])
         row = evaluate_recipe(cfg, Path(tmp) / "subs", cfg.train.device)
     row["config"] = a.config
     row["overrides"] = list(a.overrides)

@@ -32,6 +32,8 @@ from pipeline.runs import load_manifest
 from pipeline.submit import predict_and_encode
 from pipeline.tta import TTA_SETS
 
+NO_DOWNLOAD = "model.encoder_weights=null"  # random checkpoints: pretrained weights change nothing here
+
 
 def make_run(cfg, run_dir: Path, folds: int, tta: str, batch_size: int) -> Path:
     """A run folder with ``folds`` random checkpoints and a manifest, as training writes them."""
@@ -121,11 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if a.tiny:
             root = tiny_data(Path(tmp))
-            cfg = load_config(a.config, [f"data.root={root}", "model.encoder=resnet18", *a.overrides])
+            over = [f"data.root={root}", "model.encoder=resnet18", NO_DOWNLOAD]
+            cfg = load_config(a.config, [*over, *a.overrides])
             result = measure(cfg, 2, "flip", 4, 1, 1, "cpu")
             tag = a.tag or "cpu-tiny"
         else:
-            cfg = load_config(a.config, [f"data.root={a.data or real_data_dir()}", *a.overrides])
+            cfg = load_config(a.config, [f"data.root={a.data or real_data_dir()}", NO_DOWNLOAD, *a.overrides])
             result = measure(cfg, a.folds, a.tta, a.batch_size, a.workers, a.repeats, a.device)
             tag = a.tag
     result["goal"] = {"ratio": 0.85}

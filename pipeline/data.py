@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from pipeline import rle
-from pipeline.config import AugConfig
+from pipeline.config import AugConfig, DataConfig
 from pipeline.errors import BuildsegError
 from pipeline.io import temp_prefix
 from pipeline.maskcsv import IMAGE_SUFFIXES, scan_csv
@@ -355,6 +355,32 @@ def load_unlabelled(root: Path, image_dir: str, sample_csv: str) -> Split:
         if not names:
             raise DataError(f"no {sample_csv} and no images in {folder}/: nothing to predict")
     return Split(names, [folder / n for n in names], None)
+
+
+def load_pseudo_labels(data: DataConfig, ignore_index: int | None) -> Split:
+    """The test tiles of ``data.pseudo_labels`` (``pipeline.pseudo``'s .npz: ``names`` str [N], ``masks``
+    uint8 [N, H, W]: 1 building, 0 background, 255 uncertain), checked before any training. The images
+    come from the test folder as the sample submission lists it; the test truth CSV is never read."""
+    path, fix = Path(data.pseudo_labels), "remake it (make pseudo RUN=runs/<run>) or unset data.pseudo_labels"
+    try:
+        with np.load(path) as z:
+            names, masks = [str(n) for n in z["names"]], z["masks"]
+    except (OSError, KeyError, TypeError, ValueError) as e:  # missing, not an .npz, wrong arrays
+        raise DataError(f"pseudo labels {path} cannot be read ({e}); {fix}") from None
+    test = load_unlabelled(Path(data.root), data.test_dir, data.sample_csv)
+    tiles = test.select(names, f"not test images of {data.root}, yet named in pseudo labels {path}; {fix}")
+    want = sorted({(len(names), *image_size(p)) for p in tiles.image_paths})  # [(N, H, W)]: one tile size
+    fits = [masks.shape] == want and masks.dtype == np.uint8
+    bad = sorted(set(np.unique(masks).tolist()) - {0, 1, 255})
+    for broken, what in (
+        (len(set(names)) < len(names), "name some tiles twice"),
+        (not fits, f"are {masks.dtype} {masks.shape}, not uint8 {want} (one mask per tile, its size)"),
+        (bool(bad), f"hold mask values {bad[:5]}; allowed: 0 background, 1 building, 255 uncertain"),
+        (ignore_index != 255, f"mark uncertain pixels 255: set loss.ignore_index=255 (not {ignore_index})"),
+    ):
+        if broken:
+            raise DataError(f"pseudo labels {path} {what}; {fix}")
+    return Split(tiles.names, tiles.image_paths, masks)
 
 
 # ----------------------------------------------------------------------------- torch Dataset

@@ -1,22 +1,23 @@
-"""The training engine: one optimisation step, a fold's datasets, sampler and loaders, validation, signals.
+"""The training engine: one optimisation step, a fold's datasets, sampler, loaders and progress record,
+validation, signals, and the BatchNorm pass of a weight average (SWA).
 
 ``pipeline.train`` orchestrates folds with these pieces; the benchmarks (``bench/``) assemble the very
 same step with :func:`build_training`, so a measured step is the step that trains.
 
 Resumability rests on facts kept here: the learning rate and the model's random draws are pure
-functions of the global step (:func:`lr_at`, :func:`step_seed`), the epoch order is a function of
-(seed, epoch) that can skip what was already seen (:class:`ResumableSampler`), and a signal stops
+functions of the global step (:func:`~pipeline.schedule.lr_at`, :func:`step_seed`), the epoch order is a
+function of (seed, epoch) that can skip what was already seen (:class:`ResumableSampler`), and a signal stops
 the loop only between two steps (:class:`StopRequest`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import tta
 from pipeline.config import Config
-from pipeline.data import IMAGE, INDEX, MASK, SegDataset, build_transforms
+from pipeline.data import IMAGE, INDEX, MASK, SegDataset, Split, build_transforms, load_pseudo_labels
 from pipeline.device import Dist, all_reduce_sum, autocast_ctx, default_workers
 from pipeline.errors import BuildsegError
+from pipeline.io import atomic_write
 from pipeline.layouts import Source
 from pipeline.losses import build_loss
 from pipeline.metrics import (
@@ -47,17 +49,6 @@ class TrainingError(BuildsegError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------- schedule, sampling, loading
-
-
-def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float) -> float:
-    """Linear warm-up for ``warmup`` steps, then cosine decay from ``base`` to ``base * min_ratio``.
-
-    A pure function of the global step: resuming needs no scheduler state.
-    """
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:
@@ -104,6 +95,53 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=workers > 0,  # forking workers every (sub-second) epoch would idle the GPU
     )
+
+
+@dataclass
+class FoldProgress:
+    """Where a fold's training stands; saved in ``last.pt`` so a rerun resumes exactly there.
+
+    ``partial_loss`` is (loss sum, steps) of an unfinished epoch, so its mean survives a resume.
+    """
+
+    epoch: int = 0  # finished epochs
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    partial_loss: tuple[float, int] = (0.0, 0)
+    swa_score: float = -1.0  # of the SWA average, once validated
+
+    def state(self) -> dict[str, Any]:
+        return {**asdict(self), "partial_loss": list(self.partial_loss)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FoldProgress:
+        kw = {f.name: state[f.name] for f in fields(cls) if f.name in state}
+        kw["partial_loss"] = tuple(kw.get("partial_loss", (0.0, 0)))
+        kw["history"] = list(kw.get("history", []))
+        return cls(**kw)
+
+    def stopped(self, cfg: Config) -> bool:
+        return self.epoch >= cfg.train.epochs or bool(
+            cfg.train.patience and self.bad_epochs >= cfg.train.patience
+        )
+
+
+def write_metrics(fold_dir: Path, history: list[dict[str, float]], monitor: str) -> None:
+    """``metrics.csv`` (atomically) and, where matplotlib is installed, ``curve.png`` of a fold."""
+    df = pd.DataFrame(history)
+    with atomic_write(fold_dir / "metrics.csv", "w") as f:
+        df.to_csv(f, index=False)
+    try:
+        from pipeline.viz import learning_curves, save_figure
+
+        fig = learning_curves({int(fold_dir.name.removeprefix("fold")): df}, score=monitor)
+        save_figure(fig, fold_dir / "curve.png", dpi=90)
+    except ImportError:  # plotting is optional; metrics.csv is the record
+        pass
 
 
 class Interrupted(Exception):
@@ -180,6 +218,10 @@ def fold_data(
             f"folds.csv has folds {sorted(set(fold_of.values()))}"
         )
     train_split, val_split = source.train.subset(train_idx), source.train.subset(val_idx)
+    if cfg.data.pseudo_labels:  # teacher-labelled test tiles (pipeline.pseudo): every fold trains on them
+        t, p = train_split, load_pseudo_labels(cfg.data, cfg.loss.ignore_index)
+        masks = [*(t.masks[i] for i in range(len(t))), *p.masks]  # per-tile views: a memmap stays on disk
+        train_split = Split(t.names + p.names, t.image_paths + p.image_paths, masks)
     crop, ignore = cfg.data.crop_size, cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
     train_ds = SegDataset(
         train_split, build_transforms(cfg.aug, True, crop, ignore), seed=cfg.train.seed + fold
@@ -231,6 +273,7 @@ class TrainStep:
         self.step = torch.zeros((), dtype=torch.int64, device=device)  # set to the global step on resume
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.swa: Any = None  # torch.optim.swa_utils.AveragedModel when train.swa_epochs > 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """x: uint8 [B, 3, H, W], y: uint8 [B, H, W] (host or device). Returns the detached loss."""
@@ -310,7 +353,35 @@ def build_training(
         )
     fwd = torch.compile(net) if cfg.train.compile else net
     loss_fn = build_loss(cfg.model, cfg.loss).to(device)
-    return TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device)
+    step = TrainStep(model, fwd, loss_fn, optimizer, scaler, ema, cfg, device)
+    if cfg.train.swa_epochs:
+        # Plain average of the weights; BN statistics are recomputed for it at the end (update_bn).
+        step.swa = torch.optim.swa_utils.AveragedModel(model)
+    return step
+
+
+def in_last_epochs(epoch: int, n: int, cfg: Config) -> bool:
+    """Whether 0-based ``epoch`` is one of the last ``n`` of the run (the SWA and Lovász phases)."""
+    return n > 0 and epoch >= cfg.train.epochs - n
+
+
+@torch.no_grad()
+def update_bn(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str) -> None:
+    """Recompute the BatchNorm running statistics of ``model`` (an average of weights, whose own
+    statistics are stale) as the exact mean over one pass of ``loader`` (batches of uint8 images)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass, not an exponential one
+    was_training = model.training
+    model.train()
+    for batch in loader:
+        with autocast_ctx(device, amp):
+            model(batch[IMAGE].to(device, non_blocking=True))
+    for m in bns:
+        m.momentum = momenta[m]
+    model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -6,6 +6,8 @@
 Read top to bottom, a run is: check the data -> resolve the folds (the run's own once it has them)
 -> for each fold, :func:`train_fold` -> :func:`pipeline.tune.tune_run` (OOF threshold/min-area search,
 ``manifest.yaml``) -> a table. The step, loaders and validation are in :mod:`pipeline.engine`.
+Optional late phases: the last ``loss.lovasz_epochs`` train on the Lovász hinge alone, and SWA averages
+the weights of the last ``train.swa_epochs`` and keeps the average when it validates better.
 
 Per fold, in ``runs/<run>/fold<k>/``: ``config.yaml``, ``last.pt`` (every epoch; resumable),
 ``best.pt`` (best validation score), ``metrics.csv``, ``curve.png`` and ``oof.npz`` (validation
@@ -26,7 +28,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from pipeline.device import (
     seed_everything,
 )
 from pipeline.engine import (
+    FoldProgress,
     Interrupted,
     StopRequest,
     TrainingError,
@@ -54,19 +57,23 @@ from pipeline.engine import (
     build_training,
     evaluate,
     fold_data,
-    lr_at,
+    in_last_epochs,
     make_loader,
     monitor_key,
     progress_bar,
     save_on_signal,
     step_seed,
+    update_bn,
+    write_metrics,
 )
 from pipeline.errors import cli
 from pipeline.folds import folds_hash, resolve_folds
 from pipeline.io import atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint
 from pipeline.layouts import Source, check_source, read_source
+from pipeline.losses import build_loss
 from pipeline.models import check_model
 from pipeline.runs import OOF_KEYS, oof_writer, prepare_run_dir, run_lock
+from pipeline.schedule import lr_at
 
 __all__ = ["FoldResult", "TrainingError", "main", "run", "train_fold", "write_oof"]
 
@@ -79,51 +86,6 @@ class FoldResult:
     best_epoch: int
     epochs_run: int
     oof_path: Path | None
-
-
-@dataclass
-class FoldProgress:
-    """Where a fold's training stands; saved in ``last.pt`` so a rerun resumes exactly there.
-
-    ``partial_loss`` is (loss sum, steps) of an unfinished epoch, so its mean survives a resume.
-    """
-
-    epoch: int = 0  # finished epochs
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best_score: float = -1.0
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    partial_loss: tuple[float, int] = (0.0, 0)
-
-    def state(self) -> dict[str, Any]:
-        return {**asdict(self), "partial_loss": list(self.partial_loss)}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> FoldProgress:
-        kw = {f.name: state[f.name] for f in fields(cls) if f.name in state}
-        kw["partial_loss"] = tuple(kw.get("partial_loss", (0.0, 0)))
-        kw["history"] = list(kw.get("history", []))
-        return cls(**kw)
-
-    def stopped(self, cfg: Config) -> bool:
-        return self.epoch >= cfg.train.epochs or bool(
-            cfg.train.patience and self.bad_epochs >= cfg.train.patience
-        )
-
-
-def _write_metrics(fold_dir: Path, history: list[dict[str, float]], monitor: str) -> None:
-    df = pd.DataFrame(history)
-    with atomic_write(fold_dir / "metrics.csv", "w") as f:
-        df.to_csv(f, index=False)
-    try:
-        from pipeline.viz import learning_curves, save_figure
-
-        fig = learning_curves({int(fold_dir.name.removeprefix("fold")): df}, score=monitor)
-        save_figure(fig, fold_dir / "curve.png", dpi=90)
-    except ImportError:  # plotting is optional; metrics.csv is the record
-        pass
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -164,6 +126,9 @@ class FoldTrainer:
         """Build the step; restore ``last.pt`` (same config and folds only) or start the fold folder."""
         resuming = resume and self.last_path.is_file()
         self.step = build_training(self.cfg, self.device, self.d, pretrained=not resuming)
+        # The loss of each phase: the run's, then the Lovász hinge alone for the last loss.lovasz_epochs.
+        finetune = build_loss(self.cfg.model, self.cfg.loss, finetune=True).to(self.device)
+        self.losses = (self.step.loss_fn, finetune)
         if resuming:
             self._restore(load_checkpoint(self.last_path, map_location=self.device))
         elif self.d.main:
@@ -191,6 +156,8 @@ class FoldTrainer:
             s.scaler.load_state_dict(state["scaler"])
         if s.ema is not None and state.get("ema"):
             s.ema.load_state_dict(state["ema"])
+        if s.swa is not None and state.get("swa"):
+            s.swa.load_state_dict(state["swa"])
         self.prog = FoldProgress.from_state(state)
         if self.d.main:
             print(
@@ -212,17 +179,18 @@ class FoldTrainer:
                 "optimizer": s.optimizer.state_dict(),
                 "scaler": s.scaler.state_dict() if s.scaler else None,
                 "ema": s.ema.state_dict() if s.ema is not None else None,
+                "swa": s.swa.state_dict() if s.swa is not None else None,
                 **self.prog.state(),
             },
         )
 
-    def _save_best(self) -> None:
+    def _save_best(self, model: torch.nn.Module | None = None) -> None:
         if not self.d.main:
             return
         save_checkpoint(
             self.best_path,
             {
-                "model": self.eval_model.state_dict(),
+                "model": (model or self.eval_model).state_dict(),
                 "config": to_dict(self.cfg),
                 "fold": self.fold,
                 "epoch": self.prog.best_epoch,
@@ -241,6 +209,8 @@ class FoldTrainer:
         data.train_ds.set_epoch(epoch)
         data.sampler.set_epoch(epoch)
         data.sampler.skip = prog.step_in_epoch * cfg.train.batch_size
+        self.step.loss_fn = self.losses[in_last_epochs(epoch, cfg.loss.lovasz_epochs, cfg)]
+        swa_lr = cfg.train.swa_lr if in_last_epochs(epoch, cfg.train.swa_epochs, cfg) else 0.0
         self.loss_sum = torch.full((), prog.partial_loss[0], dtype=torch.float32, device=self.device)
         self.n_steps = prog.partial_loss[1]
         desc = f"fold {self.fold} epoch {epoch + 1}/{cfg.train.epochs}"
@@ -248,7 +218,10 @@ class FoldTrainer:
         for batch in data.train_loader:
             if prog.step_in_epoch >= self.steps_per_epoch:
                 break
-            lr = lr_at(prog.global_step, self.total_steps, self.warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
+            o = cfg.optim
+            lr = swa_lr or lr_at(
+                prog.global_step, self.total_steps, self.warmup, o.lr, o.min_lr_ratio, o.schedule
+            )
             torch.manual_seed(step_seed(cfg.train.seed + self.fold, prog.global_step, self.d.rank))
             self.loss_sum += self.step(batch[IMAGE], batch[MASK], lr)
             self.n_steps += 1
@@ -273,6 +246,8 @@ class FoldTrainer:
         prog, d = self.prog, self.d
         total = all_reduce_sum(self.loss_sum.double().clone(), d)
         train_loss = float(total) / max(1, self.n_steps * d.world)
+        if self.step.swa is not None and in_last_epochs(epoch, self.cfg.train.swa_epochs, self.cfg):
+            self.step.swa.update_parameters(self.step.model)
         broadcast_buffers(self.eval_model, d)  # the ranks validate the model rank 0 saves
         metrics = evaluate(
             self.eval_model, self.data.val_loader, self.step.loss_fn, self.cfg, self.device, d
@@ -291,7 +266,7 @@ class FoldTrainer:
         self.loss_sum, self.n_steps = torch.zeros((), device=self.device), 0
         self.checkpoint()
         if d.main:
-            _write_metrics(self.fold_dir, prog.history, self.monitor)
+            write_metrics(self.fold_dir, prog.history, self.monitor)
             name = self.monitor.removeprefix("val_")
             print(
                 f"fold {self.fold} epoch {epoch + 1}: loss {train_loss:.4f} "
@@ -324,6 +299,7 @@ class FoldTrainer:
                     epoch = self.prog.epoch
                     self.train_epoch(epoch)
                     self.end_epoch(epoch, t0)
+                self.finish_swa()
         except Interrupted as e:
             self.prog.partial_loss = (float(self.loss_sum), self.n_steps)
             self.checkpoint()
@@ -349,6 +325,32 @@ class FoldTrainer:
                 f"CUDA out of memory at batch size {b}: use train.batch_size={max(1, b // 2)} (and optim.lr "
                 "scaled down by the same factor), or train.amp=bf16"
             ) from None
+
+    def finish_swa(self) -> None:
+        """Validate the SWA average (BN statistics recomputed over the training tiles); it becomes
+        ``best.pt`` when it scores higher than the best epoch."""
+        swa, prog, data = self.step.swa, self.prog, self.data
+        if swa is None or prog.swa_score >= 0 or int(swa.n_averaged) == 0:
+            return  # off, done before a resume, or stopped early before the SWA epochs
+        data.train_ds.set_epoch(prog.epoch)
+        data.sampler.set_epoch(prog.epoch)
+        data.sampler.skip = 0
+        update_bn(swa.module, data.train_loader, self.device, self.cfg.train.amp)
+        broadcast_buffers(swa.module, self.d)
+        metrics = evaluate(swa.module, data.val_loader, self.step.loss_fn, self.cfg, self.device, self.d)
+        prog.swa_score = metrics[self.monitor]
+        kept = prog.swa_score > prog.best_score
+        if kept:
+            prog.best_score, prog.best_epoch = prog.swa_score, prog.epoch
+            self._save_best(swa.module)
+        self.checkpoint()
+        if self.d.main:
+            print(
+                f"fold {self.fold} SWA of the last {int(swa.n_averaged)} epochs: "
+                f"{self.monitor.removeprefix('val_')} {prog.swa_score:.4f}"
+                f"{' * (best.pt)' if kept else ' (the best epoch stays)'}",
+                flush=True,
+            )
 
     def result(self, oof_path: Path | None) -> FoldResult:
         p = self.prog

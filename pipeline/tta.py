@@ -2,13 +2,17 @@
 
 A TTA set is a tuple of :class:`Transform` s, each an ``augment``/``deaugment`` pair of pure torch
 functions (flips and 90 degree rotations of the last two dimensions) with
-``deaugment(augment(x)) == x`` exactly: they only move pixels, never interpolate.
+``deaugment(augment(x)) == x`` exactly: they only move pixels, never interpolate. A multi-scale view
+also resizes its input by ``scale`` (bilinear, antialiased when shrinking) before the symmetry, and
+:func:`predict_tta` resizes its probabilities back to the input's H x W after undoing the symmetry.
 
 ``TTA_SETS`` is the registry used by ``InferConfig.tta``:
 
 * ``"none"``: the identity;
 * ``"flip"``: identity, horizontal flip, vertical flip;
-* ``"d4"``: the 8 symmetries of the square (4 rotations x optional horizontal flip).
+* ``"d4"``: the 8 symmetries of the square (4 rotations x optional horizontal flip);
+* ``"ms"``: the identity at scales 0.75, 1 and 1.25 (:data:`SCALES`);
+* ``"d4_ms"``: the 8 symmetries at each of those scales (24 views).
 
 D4 on non-square inputs: a 90 or 270 degree rotation turns [B, C, H, W] into [B, C, W, H]. The
 model must therefore accept both orientations; our model wrapper pads to a multiple of 32 on each
@@ -23,9 +27,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "TTA_SETS", "Transform", "predict_tta"]
+__all__ = ["ACTIVATIONS", "SCALES", "TTA_SETS", "Transform", "predict_tta"]
+
+# Multi-scale TTA: buildings are seen a little smaller and larger than in training (scale jitter of 0.2).
+SCALES = (0.75, 1.0, 1.25)
 
 
 # ----------------------------------------------------------------------------- pure transforms
@@ -67,6 +75,26 @@ class Transform:
     name: str
     augment: Callable[[Tensor], Tensor]
     deaugment: Callable[[Tensor], Tensor]
+    scale: float = 1.0  # != 1: augment resized the input; predict_tta resizes the output back
+
+
+def _resize_then(x: Tensor, scale: float, then: Callable[[Tensor], Tensor]) -> Tensor:
+    """``then`` of ``x`` [B, C, H, W] resized to round(H * scale) x round(W * scale), as float."""
+    size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+    return then(
+        F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    )
+
+
+def _at_scales(views: tuple[Transform, ...], scales: tuple[float, ...]) -> tuple[Transform, ...]:
+    """Every view at every scale (scale 1 keeps the view as it is)."""
+    return tuple(
+        t
+        if s == 1
+        else Transform(f"{t.name}@{s:g}", partial(_resize_then, scale=s, then=t.augment), t.deaugment, s)
+        for s in scales
+        for t in views
+    )
 
 
 IDENTITY = Transform("identity", _identity, _identity)
@@ -100,6 +128,8 @@ TTA_SETS: dict[str, tuple[Transform, ...]] = {
     "none": (IDENTITY,),
     "flip": (IDENTITY, HFLIP, VFLIP),
     "d4": _d4(),
+    "ms": _at_scales((IDENTITY,), SCALES),
+    "d4_ms": _at_scales(_d4(), SCALES),
 }
 
 
@@ -160,7 +190,7 @@ def predict_tta(
     Args:
         model_fn: maps a batch [B', C, H', W'] to logits [B', K, H', W'] (any float dtype).
         x: input batch [B, C, H, W].
-        tta: a key of :data:`TTA_SETS` (``none`` | ``flip`` | ``d4``).
+        tta: a key of :data:`TTA_SETS` (``none`` | ``flip`` | ``d4`` | ``ms`` | ``d4_ms``).
         activation: ``sigmoid`` (binary, K = 1), ``softmax`` (over K) or ``none`` (model_fn already
             returns probabilities).
         merge_batch: concatenate all views along the batch dim and run one forward of
@@ -200,5 +230,7 @@ def predict_tta(
     for t, out in zip(transforms, outputs):
         # Activation in float32: bf16/fp16 logits would lose precision in the sum.
         probs = t.deaugment(act(out.float()))
+        if t.scale != 1:
+            probs = F.interpolate(probs, size=x.shape[-2:], mode="bilinear", align_corners=False)
         total = probs if total is None else total + probs
     return total / len(transforms)

@@ -17,6 +17,7 @@ REAL_DATA = Path(os.environ.get("BUILDSEG_REAL_DATA", ROOT.parent / "shared" / "
 
 TINY_OVERRIDES = [
     "model.encoder=tu-mobilenetv3_small_050",  # 0.4 M parameters: checkpoints stay small and fast
+    "model.encoder_weights=null",  # random init: the default, imagenet, would download
     "model.decoder_channels=[32,16,16,8,8]",
     "data.n_folds=2",
     "data.num_workers=0",
@@ -57,6 +58,34 @@ def tiny_cfg(demo_root, tmp_path):
         )
 
     return make
+
+
+class Network(list):
+    """The URLs the weights reachability check was asked about; ``reachable`` is its answer."""
+
+    reachable = False
+
+
+@pytest.fixture
+def network(monkeypatch, tmp_path) -> Network:
+    """No test downloads weights: empty Hugging Face / torch hub caches and a stub reachability check
+    (offline unless the test sets ``network.reachable = True``)."""
+    import torch
+    from huggingface_hub import constants
+
+    from pipeline.models import pretrained
+
+    net = Network()
+
+    def reachable(url: str, timeout: float = 0) -> bool:
+        net.append(url)
+        return net.reachable
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    monkeypatch.setattr(pretrained, "_hub_offline", lambda: False)
+    monkeypatch.setattr(pretrained, "_weights_reachable", reachable)
+    return net
 
 
 def real_data_or_skip() -> Path:

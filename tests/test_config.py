@@ -57,7 +57,7 @@ def test_unknown_key_suggests_the_closest():
         ("train.epochs=1.5", "expected an integer"),
         ("train.compile=maybe", "true/false"),
         ("train.amp=fp8", "bf16, fp16 or none"),
-        ("infer.tta=d8", "none, flip or d4"),
+        ("infer.tta=d8", "none, flip, d4, ms or d4_ms"),
         ("model.output_stride=4", "8 or 16"),
         ("data.mean=[1,2]", "expected 3 values"),
         ("train.epochs", "not key=value"),

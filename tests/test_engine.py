@@ -1,4 +1,4 @@
-"""The training engine: schedule known values, one-batch overfit, EMA, gradient clipping, validation."""
+"""The training engine: one-batch overfit, EMA, gradient clipping, validation."""
 
 from __future__ import annotations
 
@@ -10,16 +10,6 @@ from pipeline.data import IMAGE, MASK, SegDataset
 from pipeline.layouts import read_source
 from pipeline.losses import build_loss
 from pipeline.models import build_model
-
-
-def test_lr_schedule_known_values():
-    # warm-up: linear from base/warmup to base; then cosine to base*min_ratio at the last step.
-    assert engine.lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
-    assert engine.lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert engine.lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert engine.lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert engine.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
-    assert engine.lr_at(0, 100, 0, 2.0, 0.0) == pytest.approx(2.0)
 
 
 def test_one_batch_overfit(tiny_cfg):
@@ -102,3 +92,27 @@ def test_a_signal_is_a_request_the_loop_honours_between_steps():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_update_bn_gives_the_exact_mean_and_variance_of_one_pass():
+    """Known answer: after update_bn, a BatchNorm's statistics are the mean and unbiased variance of
+    every pixel it saw in the pass (not an exponential average; the variance is the mean of the batches'
+    unbiased variances, as BatchNorm's cumulative mode keeps it), and its momentum and mode are restored."""
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3)).eval()
+    net[0].running_mean.fill_(5.0)
+    g = torch.Generator().manual_seed(0)
+    batches = [{engine.IMAGE: torch.randint(0, 256, (2, 3, 4, 4), generator=g).float()} for _ in range(3)]
+    engine.update_bn(net, batches, torch.device("cpu"), "none")
+    x = torch.cat([b[engine.IMAGE] for b in batches])
+    torch.testing.assert_close(net[0].running_mean, x.mean((0, 2, 3)))
+    per_batch_var = torch.stack([b[engine.IMAGE].var((0, 2, 3)) for b in batches]).mean(0)
+    torch.testing.assert_close(net[0].running_var, per_batch_var)
+    assert net[0].momentum == 0.1 and not net.training
+
+
+def test_in_last_epochs():
+    from pipeline.config import Config, TrainConfig
+
+    cfg = Config(train=TrainConfig(epochs=5))
+    assert [engine.in_last_epochs(e, 2, cfg) for e in range(5)] == [False, False, False, True, True]
+    assert not any(engine.in_last_epochs(e, 0, cfg) for e in range(5))

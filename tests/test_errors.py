@@ -16,7 +16,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import check_data, demo_data, folds, infer, predict, report, score, submit, tiling, train, tune
+from pipeline import (
+    check_data,
+    demo_data,
+    folds,
+    infer,
+    predict,
+    report,
+    score,
+    submit,
+    tiling,
+    train,
+    tune,
+    weights,
+)
 from pipeline import validate as validate_mod
 from pipeline.config import ConfigError, save_config
 from pipeline.errors import cli, os_error_message
@@ -194,6 +207,7 @@ CASES: dict[str, Callable] = {
         "File exists; a file is in the way",
     ),
     "report no run": lambda c, d, t: (report.main, [str(t / "nowhere")], "not found"),
+    "weights unknown encoder": lambda c, d, t: (weights.main, ["--encoder", "resnet43"], "did you mean"),
 }
 
 

@@ -289,3 +289,78 @@ def test_value_check_runs_on_every_cpu_batch_and_once_on_accelerators():
     assert [_check_due(loss_fn, cpu) for _ in range(3)] == [True, True, True]
     cuda_like = SimpleNamespace(device=torch.device("cuda"))  # only .device is read: no GPU needed
     assert [_check_due(loss_fn, cuda_like) for _ in range(3)] == [True, False, False]
+
+
+# ----------------------------------------------------------------------------- Lovász hinge
+
+
+def _iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    inter = (pred & truth).sum().item()
+    union = (pred | truth).sum().item()
+    return inter / union if union else 1.0
+
+
+def test_lovasz_hinge_is_twice_the_jaccard_loss_at_unit_logits():
+    """Known answer: with logits +-1 predicting a mask, the Lovász hinge is exactly 2 * (1 - IoU)."""
+    from pipeline.losses import lovasz_hinge
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        truth = torch.rand(1, 1, 12, 12, generator=g) > 0.6
+        pred = torch.rand(1, 1, 12, 12, generator=g) > 0.5
+        logits = pred.float() * 2 - 1
+        got = lovasz_hinge(logits, truth.float())
+        assert got.item() == pytest.approx(2 * (1 - _iou(pred, truth)), abs=1e-6)
+
+
+def test_lovasz_hinge_known_values_and_batch_mean():
+    from pipeline.losses import lovasz_hinge
+
+    t = torch.zeros(2, 1, 2, 2)
+    t[0, 0, 0, 0] = 1
+    # Right with a margin of at least 1 everywhere: no hinge error, loss 0.
+    assert lovasz_hinge(torch.where(t > 0, 3.0, -3.0), t).item() == pytest.approx(0.0)
+    # One pixel, label 1, logit x: the loss is relu(1 - x).
+    one = torch.ones(1, 1, 1, 1)
+    assert lovasz_hinge(torch.full((1, 1, 1, 1), 0.25), one).item() == pytest.approx(0.75)
+    # The batch value is the mean of the per-image values.
+    logits = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    each = [lovasz_hinge(logits[i : i + 1], t[i : i + 1]).item() for i in range(2)]
+    assert lovasz_hinge(logits, t).item() == pytest.approx(sum(each) / 2)
+
+
+def test_lovasz_hinge_ignores_invalid_pixels_and_has_gradients():
+    from pipeline.losses import lovasz_hinge
+
+    t = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    logits = torch.tensor([[[[2.0, -2.0], [5.0, 2.0]]]], requires_grad=True)  # one wrong pixel
+    valid = torch.tensor([[[[True, True], [False, True]]]])
+    assert lovasz_hinge(logits, t, valid).item() == pytest.approx(0.0)  # the wrong pixel is ignored
+    loss = lovasz_hinge(logits, t)
+    loss.backward()
+    assert loss.item() > 0 and logits.grad[0, 0, 1, 0] > 0  # pushes the wrong logit down
+
+
+def test_binary_loss_adds_the_weighted_lovasz_term_and_finetune_is_lovasz_alone():
+    from pipeline.config import LossConfig, ModelConfig
+    from pipeline.losses import bce_dice_loss, build_loss, lovasz_hinge
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 1, 8, 8, generator=g)
+    mask = (torch.rand(2, 8, 8, generator=g) > 0.5).to(torch.uint8)
+    target = mask.unsqueeze(1).float()
+    cfg = LossConfig(lovasz_weight=0.7)
+    got = build_loss(ModelConfig(classes=1), cfg)(logits, mask)
+    want = bce_dice_loss(logits, target) + 0.7 * lovasz_hinge(logits, target)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    finetune = build_loss(ModelConfig(classes=1), cfg, finetune=True)(logits, mask)
+    assert finetune.item() == pytest.approx(lovasz_hinge(logits, target).item(), rel=1e-6)
+
+
+def test_lovasz_is_refused_for_multiclass_and_counts_as_a_loss_term():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.lovasz_weight and loss.lovasz_epochs are for binary runs"):
+        load_config(None, ["model.classes=3", "loss.lovasz_weight=1", "model.encoder_weights=null"])
+    cfg = load_config(None, ["loss.ce_weight=0", "loss.dice_weight=0", "loss.lovasz_weight=1"])
+    assert cfg.loss.lovasz_weight == 1.0

@@ -1,9 +1,11 @@
 """Models: registry, shapes on CPU with random weights, FCN-8s/DeepLabV3+ structure, SegModel padding and
-normalisation, local encoder weights. Builds are cached: VGG16 models are large (FCN-8s 134M parameters)."""
+normalisation, local encoder weights, named weights offline (the ``network`` fixture: no test downloads).
+Builds are cached: VGG16 models are large (FCN-8s 134M parameters)."""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +13,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.config import Config, DataConfig, ModelConfig
+from pipeline.config import Config, ConfigError, DataConfig, ModelConfig, save_config
 from pipeline.models import (
     ARCHS,
     ASPP_RATES,
     SegModel,
     build_arch,
     build_model,
+    check_model,
     count_parameters,
     load_encoder_weights,
+    pretrained,
 )
 from pipeline.models.fcn8s import FCN8s, Upsample2x
 
@@ -36,7 +40,8 @@ CASES = [  # (arch, encoder): every registered arch, plus the tutorial's VGG16 U
 @functools.cache
 def cached_model(arch: str, encoder: str, classes: int) -> SegModel:
     torch.manual_seed(0)
-    return build_model(Config(model=ModelConfig(arch=arch, encoder=encoder, classes=classes)))
+    model = ModelConfig(arch=arch, encoder=encoder, classes=classes, encoder_weights=None)  # random init
+    return build_model(Config(model=model))
 
 
 def test_registry_covers_the_required_archs():
@@ -75,7 +80,8 @@ def test_parameter_counts_are_pinned():
 
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_deeplabv3plus_output_stride_and_aspp_rates(output_stride):
-    net = build_arch(ModelConfig(arch="DeepLabV3Plus", output_stride=output_stride)).eval()
+    cfg = ModelConfig(arch="DeepLabV3Plus", output_stride=output_stride, encoder_weights=None)
+    net = build_arch(cfg).eval()
     dilations = {
         m.dilation[0] for m in net.decoder.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1
     }
@@ -151,7 +157,10 @@ def test_segmodel_uint8_and_float_inputs_agree():
 
 
 def test_segmodel_buffers_follow_data_config():
-    cfg = Config(data=DataConfig(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6)), model=ModelConfig(arch="FPN"))
+    cfg = Config(
+        data=DataConfig(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6)),
+        model=ModelConfig(arch="FPN", encoder_weights=None),
+    )
     model = build_model(cfg)
     torch.testing.assert_close(model.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]) * 255)
     torch.testing.assert_close(model.std.flatten(), torch.tensor([0.4, 0.5, 0.6]) * 255)
@@ -162,13 +171,13 @@ def test_segmodel_buffers_follow_data_config():
 
 def test_unknown_arch_encoder_and_fcn_encoder_errors():
     with pytest.raises(ValueError, match="Registered: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, FCN8s"):
-        build_arch(ModelConfig(arch="Unet3"))
+        build_arch(ModelConfig(arch="Unet3", encoder_weights=None))
     with pytest.raises(ValueError, match="did you mean .*resnet34"):
-        build_arch(ModelConfig(encoder="resnet35"))
+        build_arch(ModelConfig(encoder="resnet35", encoder_weights=None))
     with pytest.raises(ValueError, match="tu-resnet34"):
-        build_arch(ModelConfig(encoder="tu-resnet35"))
+        build_arch(ModelConfig(encoder="tu-resnet35", encoder_weights=None))
     with pytest.raises(ValueError, match="model.encoder=vgg16"):
-        build_arch(ModelConfig(arch="FCN8s", encoder="resnet34"))
+        build_arch(ModelConfig(arch="FCN8s", encoder="resnet34", encoder_weights=None))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_arch(ModelConfig(encoder_weights="missing/encoder.pth"))
 
@@ -178,10 +187,8 @@ def test_unknown_arch_encoder_and_fcn_encoder_errors():
 
 def _random_encoder_state(arch="Unet", encoder="resnet34", seed=1) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return {
-        k: v.clone()
-        for k, v in build_arch(ModelConfig(arch=arch, encoder=encoder)).encoder.state_dict().items()
-    }
+    encoder = build_arch(ModelConfig(arch=arch, encoder=encoder, encoder_weights=None)).encoder
+    return {k: v.clone() for k, v in encoder.state_dict().items()}
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -201,7 +208,7 @@ def test_encoder_weights_from_local_file(tmp_path, suffix):
 
 def test_encoder_weights_from_a_whole_model_checkpoint(tmp_path):
     torch.manual_seed(3)
-    source = build_model(Config(model=ModelConfig(arch="Unet")))
+    source = build_model(Config(model=ModelConfig(arch="Unet", encoder_weights=None)))
     path = tmp_path / "fold0.pt"
     torch.save({"model": source.state_dict(), "config": {}}, path)  # keys "net.encoder.*"
     net = build_arch(ModelConfig(arch="DeepLabV3Plus", output_stride=16, encoder_weights=str(path)))
@@ -257,3 +264,144 @@ def test_pretrained_false_ignores_encoder_weights_for_checkpoint_rebuilds():
         build_model(cfg)
     model = build_model(cfg, pretrained=False).eval()
     assert model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 1, 32, 32)
+
+
+# ----------------------------------------------------------------------------- named weights, offline
+
+
+OFFLINE_R34 = (
+    "model.encoder_weights=imagenet: the resnet34 imagenet weights are not in the local cache and "
+    "huggingface.co cannot be reached from this machine (offline?); train from scratch with "
+    "model.encoder_weights=null, or run `make weights ENCODER=resnet34 OUT=weights/resnet34-imagenet.pth` "
+    "on a machine with internet, copy weights/resnet34-imagenet.pth here and set "
+    "model.encoder_weights=weights/resnet34-imagenet.pth"
+)
+
+
+def test_default_weights_are_imagenet():
+    assert ModelConfig().encoder_weights == "imagenet"
+
+
+def test_offline_named_weights_fail_with_both_fixes(network):
+    cfg = Config(model=ModelConfig())  # the default: Unet / resnet34 / imagenet
+    with pytest.raises(ConfigError) as e:
+        check_model(cfg)
+    assert str(e.value) == OFFLINE_R34
+    assert network == [
+        "https://huggingface.co/smp-hub/resnet34.imagenet/resolve/7a57b34f723329ff020b3f8bc41771163c519d0c/"
+        "model.safetensors"
+    ]
+    with pytest.raises(ConfigError) as e:  # building checks too: no ~30 s of retries inside smp
+        build_model(cfg)
+    assert str(e.value) == OFFLINE_R34
+
+
+def test_offline_training_fails_before_any_run_folder(network, tiny_cfg, tmp_path, capsys):
+    """`make train` offline with the default weights: one line with both fixes, no run folder, no folds."""
+    from pipeline import train
+
+    cfg = tiny_cfg("model.encoder_weights=imagenet")  # timm's MobileNetV3, from the Hugging Face Hub
+    save_config(cfg, tmp_path / "cfg.yaml")
+    assert train.main(["--config", str(tmp_path / "cfg.yaml")]) == 2
+    enc = "tu-mobilenetv3_small_050"
+    assert capsys.readouterr().err == (
+        f"error: model.encoder_weights=imagenet: the {enc} imagenet weights are not in the local cache and "
+        "huggingface.co cannot be reached from this machine (offline?); train from scratch with "
+        f"model.encoder_weights=null, or run `make weights ENCODER={enc} OUT=weights/{enc}-imagenet.pth` "
+        f"on a machine with internet, copy weights/{enc}-imagenet.pth here and set "
+        f"model.encoder_weights=weights/{enc}-imagenet.pth\n"
+    )
+    assert not Path(cfg.train.runs_dir).exists()
+
+
+def test_cached_weights_need_no_network(network, tmp_path):
+    from huggingface_hub import constants
+
+    rev = "7a57b34f723329ff020b3f8bc41771163c519d0c"  # smp 0.6.0's pinned resnet34.imagenet commit
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--smp-hub--resnet34.imagenet" / "snapshots" / rev
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not in the local cache"):  # half a download is not a cache
+        check_model(Config())
+    (snapshot / "model.safetensors").write_bytes(b"")
+    network.clear()
+    check_model(Config())
+    assert network == []
+
+
+def test_reachable_host_passes_the_check_without_downloading(network):
+    network.reachable = True
+    check_model(Config(model=ModelConfig(arch="FCN8s", encoder="vgg16")))  # torchvision's VGG16
+    assert network == ["https://download.pytorch.org/models/vgg16-397923af.pth"]
+
+
+def test_a_download_that_fails_inside_smp_is_the_same_clear_error(network, monkeypatch):
+    import segmentation_models_pytorch as smp
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def drop(*args, **kwargs):
+        raise LocalEntryNotFoundError("Connection reset by peer")
+
+    network.reachable = True  # the check passed; the connection drops during the download
+    monkeypatch.setattr(smp.encoders, "hf_hub_download", drop)
+    with pytest.raises(ConfigError) as e:
+        build_arch(ModelConfig())
+    assert str(e.value).startswith(
+        "model.encoder_weights=imagenet: downloading the resnet34 weights failed (LocalEntryNotFoundError: "
+        "Connection reset by peer); train from scratch with model.encoder_weights=null, or run `make weights "
+        "ENCODER=resnet34 OUT=weights/resnet34-imagenet.pth` on a machine with internet"
+    )
+
+
+def test_unknown_weight_names_fail_before_any_download(network):
+    with pytest.raises(ConfigError, match="smp has no such weights for resnet34; use one of imagenet"):
+        check_model(Config(model=ModelConfig(encoder_weights="imagenet21k")))
+    assert network == []
+
+
+def test_resnet50_file_into_resnet34_fails_clearly(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    state = smp.encoders.get_encoder("resnet50", weights=None).state_dict()
+    path = tmp_path / "resnet50-imagenet.pth"
+    torch.save({"encoder": "resnet50", "weights": "imagenet", "state_dict": state}, path)
+    cfg = Config(model=ModelConfig(encoder="resnet34", encoder_weights=str(path)))
+    with pytest.raises(ConfigError) as e:
+        check_model(cfg)  # before training makes any folder
+    assert str(e.value).startswith(f"{path} holds resnet50 encoder weights but model.encoder=resnet34; ")
+    with pytest.raises(ConfigError, match="set model.encoder=resnet50, or make resnet34 weights with `make"):
+        build_arch(cfg.model)
+
+
+def test_real_reachability_check_is_bounded(monkeypatch):
+    import socket
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        assert pretrained._weights_reachable(f"http://127.0.0.1:{port}/w.pth", timeout=2)
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")  # through the proxy, as pip would
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        assert pretrained._weights_reachable("https://weights.invalid/w.pth", timeout=2)
+    finally:
+        server.close()
+    monkeypatch.delenv("https_proxy")
+    assert not pretrained._weights_reachable(f"http://127.0.0.1:{port}/w.pth", timeout=2)  # refused
+
+    def hang(*args, **kwargs):  # a DNS server that answers late, and then with a failure
+        time.sleep(3)
+        raise socket.gaierror("Temporary failure in name resolution")
+
+    monkeypatch.setattr(pretrained.socket, "create_connection", hang)
+    start = time.monotonic()
+    assert not pretrained._weights_reachable("https://huggingface.co/x", timeout=0.2)
+    assert time.monotonic() - start < 1.5
+
+
+def test_hf_hub_offline_mode_is_named(network, monkeypatch):
+    monkeypatch.setattr(pretrained, "_hub_offline", lambda: True)
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set .*model.encoder_weights=null, or run `make"):
+        check_model(Config())
+    assert network == []  # no connection tried: huggingface_hub would refuse to download anyway

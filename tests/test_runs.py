@@ -149,7 +149,7 @@ def test_prepare_run_dir_keeps_a_run_one_run(tmp_path: Path) -> None:
     save_config(Config(), run_dir / "config.yaml")
     (run_dir / "fold0").mkdir()
     runs.prepare_run_dir(run_dir, to_dict(load_config(None, ["infer.threshold=0.3"])))  # infer.* is free
-    with pytest.raises(runs.RunError, match=r"another config \(train.epochs: 100 -> 3\)"):
+    with pytest.raises(runs.RunError, match=r"another config \(train.epochs: 200 -> 3\)"):
         runs.prepare_run_dir(run_dir, to_dict(load_config(None, ["train.epochs=3"])))
     with pytest.raises(runs.RunError, match=r"already holds a run.*--force"):
         runs.prepare_run_dir(run_dir, to_dict(Config()), resume=False)

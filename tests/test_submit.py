@@ -139,7 +139,7 @@ def test_submit_removes_temp_files_of_killed_writes(tiny_run, tmp_path):
     "edit, message",
     [
         ({"checkpoints": []}, r"manifest.yaml: 'checkpoints' is empty; list at least one fold\*/best.pt"),
-        ({"tta": "d8"}, r"manifest.yaml: tta must be one of none, flip or d4, not 'd8'"),
+        ({"tta": "d8"}, r"manifest.yaml: tta must be one of none, flip, d4, ms or d4_ms, not 'd8'"),
         ({"threshold": "high"}, r"manifest.yaml: manifest.threshold: expected a number, got 'high'"),
         ({"threshold": 2.0}, r"manifest.yaml: threshold must be between 0 and 1 \(exclusive\), not 2.0"),
         ({"threshold": float("nan")}, r"threshold must be between 0 and 1 \(exclusive\), not nan"),

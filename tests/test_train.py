@@ -523,3 +523,81 @@ def test_non_square_tiles_train_and_submit(tiny_cfg, demo_root, tmp_path):
         assert z["probs"].shape[1:] == (48, 64)
     result = make_submission(load_manifest(run_dir), cfg.data, tmp_path / "subs", device="cpu", num_workers=0)
     assert validate_submission(result.path, root / "test_a_samplesubmit.csv", (48, 64)) == []
+
+
+# ----------------------------------------------------------------------------- SWA and the Lovász phase
+
+
+def _scripted_scores(monkeypatch, scores):
+    """Validation returns the next of ``scores`` as val_dice (the OOF pass, with a sink, is real)."""
+    real = train.evaluate
+    seen = []
+
+    def fake(model, *a, **k):
+        out = real(model, *a, **k)
+        if k.get("sink") is None:
+            out["val_dice"] = scores[len(seen)]
+            seen.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(train, "evaluate", fake)
+    return seen
+
+
+def _weights_at_epoch_ends(monkeypatch):
+    ends = []
+    real = train.FoldTrainer.train_epoch
+
+    def spy(self, epoch):
+        out = real(self, epoch)
+        ends.append({n: v.detach().clone() for n, v in self.step.model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(train.FoldTrainer, "train_epoch", spy)
+    return ends
+
+
+@pytest.mark.parametrize(("swa_score", "kept"), [(0.9, True), (0.05, False)])
+def test_swa_averages_the_last_epochs_and_is_kept_only_when_better(tiny_cfg, monkeypatch, swa_score, kept):
+    ends = _weights_at_epoch_ends(monkeypatch)
+    _scripted_scores(monkeypatch, [0.1, 0.2, 0.3, swa_score])
+    cfg = tiny_cfg("train.epochs=3", "train.swa_epochs=2", "train.max_steps_per_epoch=2", "train.swa_lr=5e-4")
+    run_dir = train.run(cfg, folds=[0])
+    last = load_checkpoint(run_dir / "fold0/last.pt")
+    best = load_checkpoint(run_dir / "fold0/best.pt")
+    swa = {k.removeprefix("module."): v for k, v in last["swa"].items() if k.startswith("module.")}
+    assert int(last["swa"]["n_averaged"]) == 2 and last["swa_score"] == pytest.approx(swa_score)
+    weights = [k for k, v in swa.items() if v.is_floating_point() and "running" not in k]
+    for k in weights:  # the plain mean of the weights at the end of epochs 2 and 3
+        torch.testing.assert_close(swa[k], (ends[1][k] + ends[2][k]) / 2)
+    # BN statistics were recomputed for the average, not averaged: they differ from both epochs'
+    stats = [k for k in swa if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(swa[k], ends[2][k]) for k in stats)
+    want = swa if kept else ends[2]
+    assert all(torch.equal(best["model"][k], want[k]) for k in weights)
+    assert best["score"] == pytest.approx(swa_score if kept else 0.3)
+    lrs = pd.read_csv(run_dir / "fold0/metrics.csv")["lr"].tolist()
+    assert lrs[1:] == [0.0005, 0.0005] and lrs[0] != 0.0005  # the constant SWA rate in the SWA epochs
+
+
+def test_swa_is_validated_once_even_when_the_run_is_resumed(tiny_cfg, monkeypatch, capsys):
+    cfg = tiny_cfg("train.epochs=2", "train.swa_epochs=1", "train.max_steps_per_epoch=1")
+    train.run(cfg, folds=[0])
+    assert capsys.readouterr().out.count("SWA of the last 1 epochs") == 1
+    train.run(cfg, folds=[0])  # finished: nothing is redone
+    assert "SWA of the last" not in capsys.readouterr().out
+
+
+def test_lovasz_epochs_switch_the_loss_for_the_last_epochs(tiny_cfg, monkeypatch):
+    used = []
+    real = train.FoldTrainer.end_epoch
+
+    def spy(self, epoch, t0):
+        fn = self.step.loss_fn
+        used.append((fn.ce_weight, fn.dice_weight, fn.lovasz_weight))
+        return real(self, epoch, t0)
+
+    monkeypatch.setattr(train.FoldTrainer, "end_epoch", spy)
+    cfg = tiny_cfg("train.epochs=3", "loss.lovasz_epochs=1", "train.max_steps_per_epoch=1")
+    train.run(cfg, folds=[0])
+    assert used == [(0.5, 0.5, 0.0), (0.5, 0.5, 0.0), (0.0, 0.0, 1.0)]

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from pipeline.tta import TTA_SETS, predict_tta
+from pipeline.tta import SCALES, TTA_SETS, predict_tta
 
-ALL_TRANSFORMS = [(name, t) for name, ts in TTA_SETS.items() for t in ts]
+# Views that only move pixels (every view but the multi-scale ones, which interpolate).
+ALL_TRANSFORMS = [(name, t) for name, ts in TTA_SETS.items() for t in ts if t.scale == 1]
+PIXEL_SETS = [name for name, ts in TTA_SETS.items() if all(t.scale == 1 for t in ts)]
 
 
 @pytest.mark.parametrize(("set_name", "t"), ALL_TRANSFORMS, ids=[f"{s}-{t.name}" for s, t in ALL_TRANSFORMS])
@@ -22,7 +24,7 @@ def test_round_trip_is_exact_on_non_square(set_name: str, t) -> None:
 
 
 def test_set_sizes() -> None:
-    assert [len(TTA_SETS[k]) for k in ("none", "flip", "d4")] == [1, 3, 8]
+    assert [len(TTA_SETS[k]) for k in ("none", "flip", "d4", "ms", "d4_ms")] == [1, 3, 8, 3, 24]
 
 
 def test_d4_views_are_distinct() -> None:
@@ -38,7 +40,7 @@ def _pixelwise_model(x: torch.Tensor) -> torch.Tensor:
     return (x[:, :1] * 2.0 - x[:, 1:2]).clone()
 
 
-@pytest.mark.parametrize("tta", list(TTA_SETS))
+@pytest.mark.parametrize("tta", PIXEL_SETS)
 @pytest.mark.parametrize("merge_batch", [True, False])
 def test_equivariant_model_gives_the_single_prediction(tta: str, merge_batch: bool) -> None:
     x = torch.randn(3, 3, 8, 12, generator=torch.Generator().manual_seed(2))
@@ -144,3 +146,44 @@ def test_max_images_bounds_every_forward_and_changes_nothing() -> None:
         capped = predict_tta(model_fn, x, "d4", max_images=10)
     assert max(sizes) <= 10 and sum(sizes) == 48
     torch.testing.assert_close(capped, whole)
+
+
+# ----------------------------------------------------------------------------- multi-scale
+
+
+def _identity_probs(x: torch.Tensor) -> torch.Tensor:
+    return x[:, :1].clone()
+
+
+@pytest.mark.parametrize("tta", ["ms", "d4_ms"])
+def test_multi_scale_round_trip(tta: str) -> None:
+    """Round trip through the views of a multi-scale set: the model sees the input at 0.75, 1 and 1.25
+    of its size; the output comes back at the input's H x W, exactly for a constant image and within
+    interpolation error for a smooth one."""
+    seen = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[-2:]))
+        return _identity_probs(x)
+
+    const = torch.full((2, 3, 64, 48), 0.25)
+    out = predict_tta(model, const, tta=tta, activation="none", merge_batch=False)
+    assert out.shape == (2, 1, 64, 48)
+    torch.testing.assert_close(out, const[:, :1], rtol=0, atol=1e-6)
+    sizes = {round(64 * s) for s in SCALES} | {round(48 * s) for s in SCALES}
+    assert {h for h, _ in seen} | {w for _, w in seen} == sizes  # 48, 60, 64, 80 (and 36 for 48 * 0.75)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 48), indexing="ij")
+    smooth = (0.5 + 0.3 * torch.sin(3 * yy) * torch.cos(2 * xx)).expand(2, 3, 64, 48)
+    out = predict_tta(_identity_probs, smooth, tta=tta, activation="none")
+    assert (out - smooth[:, :1]).abs().max() < 0.02  # border pixels carry the interpolation error
+
+
+def test_multi_scale_averages_the_scales_by_hand() -> None:
+    """A model whose output depends on the size it sees: the mean over the three scales of its output."""
+
+    def by_size(x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x[:, :1], float(x.shape[-1]))  # constant: resizing it back is exact
+
+    x = torch.zeros(1, 3, 32, 32)
+    out = predict_tta(by_size, x, tta="ms", activation="none")
+    torch.testing.assert_close(out, torch.full((1, 1, 32, 32), (24 + 32 + 40) / 3))

@@ -10,10 +10,13 @@ Encoders and weights (``model.encoder``, ``model.encoder_weights``):
 * smp architectures accept any smp encoder name (``segmentation_models_pytorch.encoders.
   get_encoder_names()``: resnet34, vgg16, vgg16_bn, efficientnet-b0, ...) or ``tu-<timm model>``.
   FCN8s accepts only ``vgg16``.
-* ``encoder_weights``: None -> random init; a name (``imagenet``, ...) -> downloaded by smp (FCN8s:
-  torchvision's VGG16 ImageNet weights), needs internet; a path to a local ``.pth``/``.pt``/``.bin``/
-  ``.safetensors`` file -> the model is built with random weights and the file is loaded into
-  ``net.encoder`` by :func:`load_encoder_weights` (offline machines, or an encoder from another run).
+* ``encoder_weights``: None -> random init; a name (``imagenet``, the default, ...) -> downloaded once by
+  smp or timm (FCN8s: torchvision's VGG16 ImageNet weights) and cached; :func:`check_model` fails in
+  seconds, naming both fixes, when they are neither cached nor downloadable (:mod:`.pretrained`); a path
+  to a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file -> the model is built with random weights and
+  the file is loaded into ``net.encoder`` by :func:`load_encoder_weights` (offline machines: ``make
+  weights`` saves a file that names its encoder, checked against ``model.encoder``; or an encoder from
+  another run).
 
 ``model.decoder_channels`` sets the U-Net / U-Net++ decoder (its length is the encoder depth, as smp
 requires); FPN and DeepLabV3+ use smp's decoder defaults (FPN 256/128, ASPP 256 channels).
@@ -21,6 +24,7 @@ requires); FPN and DeepLabV3+ use smp's decoder defaults (FPN 256/128, ASPP 256 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 from pipeline.config import Config, ConfigError, ModelConfig
 from pipeline.io import CheckpointError
 from pipeline.models.fcn8s import FCN8s
+from pipeline.models.pretrained import download_errors, require_pretrained
 
 __all__ = [
     "ARCHS",
@@ -100,10 +105,25 @@ def _check_encoder(cfg: ModelConfig) -> None:
         )
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def _file_encoder(state: Any) -> str | None:
+    """The encoder a weights file names: ``make weights`` files carry ``encoder``, buildseg checkpoints
+    their run's config; plain state dicts name none."""
+    if not isinstance(state, Mapping):
+        return None
+    name = state.get("encoder")
+    if isinstance(name, str):
+        return name
+    config = state.get("config")
+    model = config.get("model") if isinstance(config, Mapping) else None
+    name = model.get("encoder") if isinstance(model, Mapping) else None
+    return name if isinstance(name, str) else None
+
+
+def _read_state_dict(path: Path, encoder: str | None = None) -> dict[str, Tensor]:
     """Tensors from a .safetensors or torch file (``weights_only=True``: no code runs on load).
 
     A file holding ``{"state_dict": ...}`` or ``{"model": ...}`` (a training checkpoint) is unwrapped.
+    ``encoder`` (``model.encoder``): a file that names another encoder is an error saying so.
     """
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
@@ -117,6 +137,13 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
                 f"cannot read encoder weights {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                 "save a plain state dict with torch.save(encoder.state_dict(), path)"
             ) from None
+    named = _file_encoder(state)
+    if encoder is not None and named is not None and named != encoder:
+        raise ConfigError(
+            f"{path} holds {named} encoder weights but model.encoder={encoder}; set model.encoder={named}, "
+            f"or make {encoder} weights with `make weights ENCODER={encoder} "
+            f"OUT=weights/{encoder}-imagenet.pth` and point model.encoder_weights at that file"
+        )
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
@@ -140,8 +167,14 @@ def _align_keys(state: dict[str, Tensor], target_keys: set[str]) -> dict[str, Te
     return state
 
 
-def load_encoder_weights(encoder: nn.Module, state: dict[str, Tensor] | str | Path) -> tuple[int, int]:
+def load_encoder_weights(
+    encoder: nn.Module, state: dict[str, Tensor] | str | Path, name: str | None = None
+) -> tuple[int, int]:
     """Load a state dict (or a file holding one) into ``encoder``; return (missing, unexpected) counts.
+
+    ``name``: the encoder's name (``model.encoder``); a file that names another encoder (``make weights``
+    files and buildseg checkpoints do) is a :class:`ConfigError`: a resnet50 file never half-loads into
+    a resnet34. Plain state dicts name no encoder and are matched by key and shape alone.
 
     Linear weights whose target is a convolution of the same size are reshaped (FCN "convolutionalised"
     fc6/fc7: torchvision VGG16's [4096, 25088] ``classifier.0.weight`` becomes the [4096, 512, 7, 7]
@@ -150,7 +183,7 @@ def load_encoder_weights(encoder: nn.Module, state: dict[str, Tensor] | str | Pa
     """
     source = str(state) if isinstance(state, (str, Path)) else "state dict"
     if isinstance(state, (str, Path)):
-        state = _read_state_dict(Path(state).expanduser())
+        state = _read_state_dict(Path(state).expanduser(), name)
     own = encoder.state_dict()
     state = _align_keys(state, set(own))
     matched: dict[str, Tensor] = {}
@@ -208,6 +241,8 @@ def load_encoder_weights(encoder: nn.Module, state: dict[str, Tensor] | str | Pa
 def _smp_common(cfg: ModelConfig) -> dict[str, Any]:
     _check_encoder(cfg)
     weights = None if _is_local_weights(cfg.encoder_weights) else cfg.encoder_weights
+    if weights is not None:
+        require_pretrained(cfg)  # cached or reachable: offline, one clear error instead of ~30 s of retries
     return {
         "encoder_name": cfg.encoder,
         "encoder_weights": weights,
@@ -248,8 +283,7 @@ def _fcn8s(cfg: ModelConfig) -> nn.Module:
     net = FCN8s(classes=cfg.classes, in_channels=cfg.in_channels)
     weights = cfg.encoder_weights
     if weights is not None and not _is_local_weights(weights):
-        if weights != "imagenet":
-            raise ConfigError(f"FCN8s encoder_weights must be null, 'imagenet' or a file, got {weights!r}")
+        require_pretrained(cfg)  # also refuses names other than 'imagenet'
         from torchvision.models import VGG16_Weights
 
         # torchvision's VGG16 includes fc6/fc7, which load_encoder_weights convolutionalises.
@@ -278,9 +312,11 @@ def build_arch(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
         close = difflib.get_close_matches(cfg.arch, list(ARCHS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown model.arch {cfg.arch!r}.{hint} Registered: {', '.join(ARCHS)}")
-    net = ARCHS[cfg.arch](cfg)
-    if _is_local_weights(cfg.encoder_weights):
-        load_encoder_weights(net.encoder, cfg.encoder_weights)
+    local = _is_local_weights(cfg.encoder_weights)
+    with download_errors(cfg) if cfg.encoder_weights is not None and not local else contextlib.nullcontext():
+        net = ARCHS[cfg.arch](cfg)
+    if local:
+        load_encoder_weights(net.encoder, cfg.encoder_weights, cfg.encoder)
     return net
 
 
@@ -364,13 +400,16 @@ def build_model(cfg: Config, pretrained: bool = True) -> SegModel:
 
 def check_model(cfg: Config) -> None:
     """Raise :class:`ConfigError` unless ``cfg``'s model can be built: a registered ``model.arch``, an
-    encoder smp or timm knows, settings the architecture accepts, an existing local weights file.
+    encoder smp or timm knows, settings the architecture accepts, and encoder weights that can be had:
+    a local file that is readable and names no other encoder, or named weights that are cached or whose
+    download host answers now (a few seconds at most; offline, the error names both fixes).
 
     Builds the network on the meta device (no memory, no download, ~0.1 s), so a typo in the config
     fails before the data check and before any run folder is made, not after them.
     """
+    weights = cfg.model.encoder_weights
     try:
-        _is_local_weights(cfg.model.encoder_weights)
+        local = _is_local_weights(weights)
         with torch.device("meta"):
             build_model(cfg, pretrained=False)
     except ConfigError:
@@ -380,6 +419,10 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(
             f"model.arch={cfg.model.arch} model.encoder={cfg.model.encoder} cannot be built: {first}"
         ) from None
+    if local:
+        _read_state_dict(Path(str(weights)).expanduser(), cfg.model.encoder)
+    elif weights is not None:
+        require_pretrained(cfg.model)
 
 
 def count_parameters(model: nn.Module) -> int:
