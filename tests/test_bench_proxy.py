@@ -72,7 +72,7 @@ def test_summary_means_spreads_and_gains_known_answer():
 
 def test_summary_reports_extra_tta_sets_only_when_every_seed_has_them():
     rows = [_row("ms", 0, 0.4, 0.5, 0.5, d4_ms=0.6), _row("ms", 1, 0.4, 0.5, 0.5, d4_ms=0.7)]
-    (entry,) = proxy.summarise(TWO_RECIPES)
+    (entry,) = proxy.summarise(rows)
     assert entry["test_a_dice/d4_ms"] == {"mean": 0.65, "spread": 0.1}
     (entry,) = proxy.summarise([*rows, _row("ms", 2, 0.4, 0.5, 0.5)])
     assert "test_a_dice/d4_ms" not in entry
