@@ -254,12 +254,19 @@ def _plain_load(root: Path, folder: str, csv: str) -> tuple[list[str], np.ndarra
     return df["name"].tolist(), imgs, masks
 
 
+def _plain_norm() -> tuple[Any, Any]:
+    """ImageNet mean and std on the 0..255 scale, shaped [1, 3, 1, 1]."""
+    import torch
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    return mean, torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
 def _plain_predict(model: Any, imgs: np.ndarray, d4: bool) -> np.ndarray:
     """Probabilities [N, H, W]; with ``d4`` the mean over the 8 flips/rotations, each undone."""
     import torch
 
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    mean, std = _plain_norm()
     model.eval()
     out = []
     with torch.no_grad():
@@ -298,8 +305,7 @@ def plain_loop(seed: int, size: int, s: PlainSettings | None = None) -> dict[str
     val = np.array([fold[n] in s.folds for n in names])
     model = smp.Unet(s.encoder, encoder_weights=None, classes=1)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    mean, std = _plain_norm()
     tr_x, tr_y = imgs[~val], masks[~val]
     best, best_state = -1.0, None
     for _ in range(s.epochs):
