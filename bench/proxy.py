@@ -40,6 +40,7 @@ import pandas as pd
 from bench.common import RESULTS, device_info, real_data_dir, write_result
 from pipeline import rle
 from pipeline.data import read_image, read_mask_csv
+from pipeline.folds import write_folds
 
 RESULT = "proxy.json"
 # Outside the checkout: the shrunk tiles are derived from the real data and must never be committed.
@@ -109,30 +110,12 @@ def shrink(src: Path, dst: Path, size: int) -> Path:
             (tmp / csv).write_text("".join(rows))
         shutil.copy(src / "test_a_samplesubmit.csv", tmp / "test_a_samplesubmit.csv")
         shutil.copy(src / "manifest.csv", tmp / "manifest.csv")
-        _write_folds(tmp)
+        # One split for every recipe and seed (and the plain loop): 5 folds grouped by scene (manifest.csv).
+        write_folds(tmp, n_folds=5, seed=FOLDS_SEED)
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
-
-
-def _write_folds(root: Path) -> None:
-    """One split for every recipe and seed (and the plain loop): 5 folds grouped by scene."""
-    from pipeline.folds import make_folds, read_groups
-
-    df = read_mask_csv(root / "train_mask.csv")
-    names = df["name"].tolist()
-    shape = _shape(root)
-    fractions = np.array([rle.decode(c, shape).mean() for c in df["rle"]])
-    folds = make_folds(names, fractions, 5, FOLDS_SEED, read_groups(root / "manifest.csv", names))
-    folds.to_csv(root / "folds.csv", index=False)
-
-
-def _shape(root: Path) -> tuple[int, int]:
-    from pipeline.data import image_size
-
-    first = next(iter(sorted((root / "train").iterdir())))
-    return image_size(first)
 
 
 def proxy_data(size: int) -> Path:

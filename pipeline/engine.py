@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import tta
 from pipeline.config import Config
-from pipeline.data import IMAGE, INDEX, MASK, SegDataset, Split, build_transforms, load_pseudo_labels
+from pipeline.data import IMAGE, INDEX, MASK, SegDataset, Split, build_transforms
 from pipeline.device import Dist, all_reduce_sum, autocast_ctx, default_workers
 from pipeline.errors import BuildsegError
 from pipeline.io import atomic_write
@@ -218,8 +218,8 @@ def fold_data(
             f"folds.csv has folds {sorted(set(fold_of.values()))}"
         )
     train_split, val_split = source.train.subset(train_idx), source.train.subset(val_idx)
-    if cfg.data.pseudo_labels:  # teacher-labelled test tiles (pipeline.pseudo): every fold trains on them
-        t, p = train_split, load_pseudo_labels(cfg.data, cfg.loss.ignore_index)
+    if source.pseudo is not None:  # teacher-labelled test tiles (pipeline.pseudo): every fold trains on them
+        t, p = train_split, source.pseudo
         masks = [*(t.masks[i] for i in range(len(t))), *p.masks]  # per-tile views: a memmap stays on disk
         train_split = Split(t.names + p.names, t.image_paths + p.image_paths, masks)
     crop, ignore = cfg.data.crop_size, cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0

@@ -71,6 +71,9 @@ class Source:
     class_names: list[str]
     colors: list[Color] = field(default_factory=list)
     ignore_index: int | None = None
+    # Teacher-labelled test tiles (data.pseudo_labels), read once per run by pipeline.train; every fold
+    # trains on them, none validates on them (pipeline.engine.fold_data).
+    pseudo: Split | None = None
 
     @property
     def num_classes(self) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ import torch
 
 from pipeline import tune
 from pipeline.config import Config, config_changes, load_config, run_name, save_config, to_dict
-from pipeline.data import IMAGE, MASK, SegDataset
+from pipeline.data import IMAGE, MASK, SegDataset, load_pseudo_labels
 from pipeline.device import (
     Dist,
     all_reduce_sum,
@@ -437,6 +438,8 @@ def _train_run(cfg: Config, folds: Sequence[int] | None, resume: bool, run_dir: 
     """The folds, then tuning: :func:`run`'s work once the run folder is owned and settled."""
     source = read_source(cfg.data, with_test=False)
     check_source(cfg, source)
+    if cfg.data.pseudo_labels:  # read and checked once, not once per fold
+        source = dataclasses.replace(source, pseudo=load_pseudo_labels(cfg.data, cfg.loss.ignore_index))
     folds_df = resolve_folds(cfg, source, run_dir, announce=d.main)
     n_folds = int(folds_df["fold"].max()) + 1
     todo = list(folds) if folds is not None else list(range(n_folds))

@@ -3,6 +3,7 @@ teacher -> pseudo round on CPU, the test truth never read, and bad label files r
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def test_pseudo_tiles_train_every_fold_and_validate_none(tiny_cfg, demo_root, tm
     path = pseudo.write_pseudo_labels(tmp_path / "labels.npz", test.names, masks, {})
     cfg = tiny_cfg(f"data.pseudo_labels={path}", "loss.ignore_index=255")
     source = read_source(cfg.data, with_test=False)
+    source = dataclasses.replace(source, pseudo=load_pseudo_labels(cfg.data, cfg.loss.ignore_index))
     folds_df = resolve_folds(cfg, source, tmp_path / "run", announce=False)
     for k in (0, 1):
         fd = engine.fold_data(cfg, source, folds_df, k, Dist(), CPU)
