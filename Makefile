@@ -42,27 +42,27 @@ $(STAMP): requirements.txt
 install: $(STAMP) ## create .venv with the pinned requirements (idempotent)
 
 demo-data: $(STAMP) ## generate the embedded demo data set in data/demo
-	$(PY) -m pipeline.demo_data --out data/demo --size 256
+	$(PY) -m pipeline.data.demo --out data/demo --size 256
 
 demo: demo-data ## the whole pipeline on the demo data on CPU: folds -> train -> submit -> score
 	$(PY) -m pipeline.train --config configs/demo.yaml data.root=data/demo
-	$(PY) -m pipeline.submit --run runs/demo --data data/demo
+	$(PY) -m pipeline.infer.submit --run runs/demo --data data/demo
 	@echo "demo done: run in runs/demo (manifest.yaml, fold*/metrics.csv), submission and score in submissions/"
 
 folds: $(STAMP) ## write DATA/folds.csv (stratified by building fraction, grouped by manifest.csv if present)
-	$(PY) -m pipeline.folds --data $(DATA) $(ARGS)
+	$(PY) -m pipeline.data.folds --data $(DATA) $(ARGS)
 
 check-data: $(STAMP) ## report every problem of a data folder (DATA=...)
-	$(PY) -m pipeline.check_data $(DATA)
+	$(PY) -m pipeline.data.check $(DATA)
 
 # Pretrained encoder weights as a file, for a machine without internet: run it where the internet is
 # reachable, copy OUT over, and train there with ARGS=model.encoder_weights=OUT.
 weights: $(STAMP) ## save pretrained encoder weights to a file (ENCODER=resnet34 OUT=weights/resnet34-imagenet.pth WEIGHTS= ARCH=)
-	$(PY) -m pipeline.weights $(if $(ENCODER),--encoder $(ENCODER)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+	$(PY) -m pipeline.model.weights $(if $(ENCODER),--encoder $(ENCODER)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	  $(if $(ARCH),--arch $(ARCH)) $(if $(IN_CHANNELS),--in-channels $(IN_CHANNELS)) $(if $(OUT),--out $(OUT))
 
 tune: $(STAMP) ## re-tune a trained run's threshold/min-area on its OOF files, no retraining (RUN= ARGS="infer.thresholds=[..]")
-	$(PY) -m pipeline.tune $(if $(RUN),--run $(RUN)) $(DATA_ARG) $(ARGS)
+	$(PY) -m pipeline.train.tune $(if $(RUN),--run $(RUN)) $(DATA_ARG) $(ARGS)
 
 # One process, or torchrun: on one machine (--standalone) or on NODES machines through torchrun's
 # static rendezvous at MASTER=host:port (node 0 holds global rank 0, which writes the run folder).
@@ -75,32 +75,32 @@ train: $(STAMP) ## train all folds (DATA= CONFIG= FOLDS=0,1 GPUS=N NODES=M NODE_
 	$(LAUNCH) -m pipeline.train --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) \
 	  $(if $(filter 0,$(RESUME)),--no-resume) $(if $(filter 1,$(FORCE)),--force) data.root=$(DATA) $(ARGS)
 
-# Pseudo-labelling (pipeline.pseudo): the run labels the test tiles it is sure of (p <= low or >= high,
+# Pseudo-labelling (pipeline.infer.pseudo): the run labels the test tiles it is sure of (p <= low or >= high,
 # the rest ignored), then <run>-pseudo trains on them too, validated on the run's own folds.
 pseudo: $(STAMP) ## label the test tiles with a run, train <run>-pseudo on them too (RUN=runs/x FOLDS=0 DATA= ARGS="--low 0.3 --high 0.7 --tta d4 key=value")
-	$(PY) -m pipeline.pseudo --run $(RUN) $(if $(FOLDS),--folds $(FOLDS)) $(ARGS) $(if $(DATA_ARG),data.root=$(DATA))
+	$(PY) -m pipeline.infer.pseudo --run $(RUN) $(if $(FOLDS),--folds $(FOLDS)) $(ARGS) $(if $(DATA_ARG),data.root=$(DATA))
 
 submit: $(STAMP) ## predict the test tiles with the newest run (RUN= DATA= TTA=none|flip|d4|ms|d4_ms) and validate
-	$(PY) -m pipeline.submit $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
+	$(PY) -m pipeline.infer.submit $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
 	  $(if $(TTA),--tta $(TTA))
 
 validate: $(STAMP) ## check a submission (SUBMISSION=, default the newest; DATA=: its sample and tile size)
-	$(PY) -m pipeline.validate $(SUBMISSION) --sample $(DATA)/test_a_samplesubmit.csv
+	$(PY) -m pipeline.infer.validate $(SUBMISSION) --sample $(DATA)/test_a_samplesubmit.csv
 
 predict: $(STAMP) ## class-id PNGs (+ metrics.json with truth) for a run's test split, any layout (RUN= DATA= TTA=)
-	$(PY) -m pipeline.predict $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
+	$(PY) -m pipeline.infer.predict $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
 	  $(if $(TTA),--tta $(TTA)) --figure 8
 
 score: $(STAMP) ## metrics of the newest submission (SUBMISSION=), of PNGs (PRED=dir DATA= LAYOUT=) or of FOOTPRINTS=x.gpkg TRUTH=
-	$(if $(PRED),$(PY) -m pipeline.score --pred-dir $(PRED) --data $(DATA) --layout $(LAYOUT) \
-	  $(if $(COLORMAP),--colormap $(COLORMAP)),$(if $(FOOTPRINTS),$(PY) -m pipeline.score --footprints $(FOOTPRINTS) \
-	  --truth $(TRUTH),$(PY) -m pipeline.score $(SUBMISSION) --truth $(DATA)/test_a_mask.csv))
+	$(if $(PRED),$(PY) -m pipeline.infer.score --pred-dir $(PRED) --data $(DATA) --layout $(LAYOUT) \
+	  $(if $(COLORMAP),--colormap $(COLORMAP)),$(if $(FOOTPRINTS),$(PY) -m pipeline.infer.score --footprints $(FOOTPRINTS) \
+	  --truth $(TRUTH),$(PY) -m pipeline.infer.score $(SUBMISSION) --truth $(DATA)/test_a_mask.csv))
 
 predict-scene: $(STAMP) ## sliding-window prediction of a large scene (SCENE=big.tif OUT=mask.tif RUN=runs/x)
-	$(PY) -m pipeline.infer scene --run $(RUN) --scene $(SCENE) --out $(OUT)
+	$(PY) -m pipeline.infer.scenes --run $(RUN) --scene $(SCENE) --out $(OUT)
 
 footprints: $(STAMP) ## building polygons (MASK=mask.tif, or SCENE=big.tif RUN=runs/x; OUT=buildings.gpkg|.geojson|.fgb)
-	$(PY) -m pipeline.footprints $(if $(MASK),--mask $(MASK),--scene $(SCENE) $(if $(RUN),--run $(RUN))) \
+	$(PY) -m pipeline.infer.footprints $(if $(MASK),--mask $(MASK),--scene $(SCENE) $(if $(RUN),--run $(RUN))) \
 	  --out $(or $(OUT),buildings.gpkg) $(ARGS)
 
 report: $(STAMP) ## write the notebooks' figures as PNG to runs/<run>/report (RUN=runs/x DATA=...)
@@ -117,7 +117,8 @@ test-all: $(STAMP) ## the test suite including slow tests
 	$(PY) -m pytest -q -m ""
 
 lint: $(STAMP) ## ruff
-	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/ruff check pipeline tests bench notebooks/build_notebooks.py
+	$(VENV)/bin/ruff format --check pipeline tests bench notebooks/build_notebooks.py
 
 bench: $(STAMP) ## CPU benchmarks -> bench/results/*.json (RLE codec; tiny-size GPU benches)
 	$(PY) -m bench.rle

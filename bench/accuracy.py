@@ -21,18 +21,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import RESULTS, device_info, real_data_dir, tiny_data, write_result
-from pipeline import train
-from pipeline.config import load_config, run_name
-from pipeline.device import pick_device
-from pipeline.runs import load_manifest
-from pipeline.submit import make_submission
+from pipeline.core.config import load_config, run_name
+from pipeline.core.device import pick_device
+from pipeline.infer.submit import make_submission
+from pipeline.runs.manifest import load_manifest
+from pipeline.train import trainer
 
 VARIANTS = [("fold0", "none"), ("fold0", "d4"), ("all", "none"), ("all", "d4")]
 
 
 def evaluate_recipe(cfg, out_dir: Path, device: str = "auto") -> dict:
     t0 = time.time()
-    run_dir = train.run(cfg)
+    run_dir = trainer.run(cfg)
     train_min = (time.time() - t0) / 60
     manifest = load_manifest(run_dir)
     rows = {}
@@ -41,13 +41,13 @@ def evaluate_recipe(cfg, out_dir: Path, device: str = "auto") -> dict:
         ckpts = manifest.checkpoints[:1] if folds == "fold0" else manifest.checkpoints
         infer = dataclasses.replace(manifest.infer, tta=tta)
         m = dataclasses.replace(manifest, checkpoints=ckpts, infer=infer)
-        res = make_submission(m, cfg.data, out_dir, tta, device, num_workers=max(0, cfg.data.num_workers))
+        res = make_submission(m, cfg.data, out_dir, tta, device, num_workers=cfg.data.num_workers)
         rows[f"{folds}/{tta}"] = round(res.score["dice"], 4) if res.score else None
     submit_min = (time.time() - t1) / 60
     return {
         "recipe": run_name(cfg),
-        "oof_dice": round(manifest.extra["oof"]["oof_dice"], 4),
-        "oof_dice@0.5": round(manifest.extra["oof"]["oof_dice@0.5"], 4),
+        "oof_dice": round(manifest.oof["oof_dice"], 4),
+        "oof_dice@0.5": round(manifest.oof["oof_dice@0.5"], 4),
         "threshold": manifest.infer.threshold,
         "min_area": manifest.infer.min_area,
         "test_a_dice": rows,

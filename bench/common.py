@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pipeline.io import atomic_write_text
+from pipeline.core.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -46,7 +46,7 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
 
 def tiny_data(tmp: Path, size: int = 64, n_train: int = 16, n_test: int = 8) -> Path:
     """Generated demo tiles for --tiny runs (CPU check of a GPU benchmark)."""
-    from pipeline.demo_data import generate
+    from pipeline.data.demo import generate
 
     return generate(tmp / "demo", n_train=n_train, n_test=n_test, size=size, seed=0)
 

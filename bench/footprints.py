@@ -4,7 +4,7 @@
 
 Generates a ``size`` x ``size`` building mask (a GeoTIFF with a UTM CRS, 30 cm pixels): about one
 building per 70 x 70 px cell, rectangles of 8-50 px rotated at random and some L shapes, placed so that
-many cross window edges. Each window size is then vectorised by ``python -m pipeline.footprints --mask``
+many cross window edges. Each window size is then vectorised by ``python -m pipeline.infer.footprints --mask``
 (what ``make footprints MASK=`` runs) in a fresh process: its wall time, start-up included, and its peak
 RSS (``ru_maxrss`` of that child's ``resource`` usage, from ``os.wait4``). The same for a process that
 only imports the module, so the part the vectorising adds can be read off. Checks that the polygon
@@ -119,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         made = measure([sys.executable, "-m", "bench.footprints", "--make-mask", str(path), str(a.size)])
         mask_info = json.loads(made["output"][-1])
         print(f"{a.size}x{a.size} mask: {mask_info}, made in {made['seconds']} s")
-        imports = measure([sys.executable, "-c", "import pipeline.footprints"])
-        print(f"python -c 'import pipeline.footprints': {imports}")
+        imports = measure([sys.executable, "-c", "import pipeline.infer.footprints"])
+        print(f"python -c 'import pipeline.infer.footprints': {imports}")
         runs = []
         for window in [int(w) for w in a.windows.split(",")]:
             out = Path(tmp) / f"b{window}.gpkg"
-            cmd = [sys.executable, "-m", "pipeline.footprints", "--mask", str(path), "--out", str(out)]
+            cmd = [sys.executable, "-m", "pipeline.infer.footprints", "--mask", str(path), "--out", str(out)]
             run = {"window": window, **measure([*cmd, "--window", str(window)])}
             run["polygons"] = _count(out) if run["rc"] == 0 else None
             run["polygons_equal_components"] = run["polygons"] == mask_info["buildings"]
@@ -145,7 +145,7 @@ def _write(size: int, mask_info: dict, imports: dict, runs: list[dict]) -> int:
     from bench.common import device_info, write_result
 
     result = {
-        "benchmark": "footprints: vectorise a mask GeoTIFF window by window (python -m pipeline.footprints)",
+        "benchmark": "footprints: vectorise a mask GeoTIFF window by window (make footprints)",
         "size": size,
         **mask_info,
         "imports_only": {k: imports[k] for k in ("seconds", "peak_rss_mb")},

@@ -13,6 +13,7 @@ device. Both in one run. Goal: (a) >= 0.85 x (b). The fold models are randomly i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from collections.abc import Sequence
@@ -21,40 +22,31 @@ from pathlib import Path
 import torch
 
 from bench.common import device_info, real_data_dir, sync, tiny_data, write_result
-from pipeline.config import load_config, to_dict
-from pipeline.data import IMAGE, SegDataset, Split
-from pipeline.device import pick_device
-from pipeline.infer import load_ensemble, predict_batch
-from pipeline.io import save_checkpoint, save_yaml
-from pipeline.layouts import read_source
-from pipeline.models import build_model
-from pipeline.runs import load_manifest
-from pipeline.submit import predict_and_encode
-from pipeline.tta import TTA_SETS
+from pipeline.core.config import load_config, to_dict
+from pipeline.core.device import pick_device
+from pipeline.core.tta import TTA_SETS
+from pipeline.data.dataset import IMAGE, SegDataset, Split
+from pipeline.data.layouts import read_source
+from pipeline.infer.ensemble import load_ensemble, predict_batch
+from pipeline.infer.submit import predict_and_encode
+from pipeline.model.registry import build_model
+from pipeline.runs.checkpoint import BestCheckpoint, write_checkpoint
+from pipeline.runs.manifest import Manifest, load_manifest, write_manifest
 
 NO_DOWNLOAD = "model.encoder_weights=null"  # random checkpoints: pretrained weights change nothing here
 
 
 def make_run(cfg, run_dir: Path, folds: int, tta: str, batch_size: int) -> Path:
-    """A run folder with ``folds`` random checkpoints and a manifest, as training writes them."""
+    """A run folder with ``folds`` random checkpoints and a manifest, written as training writes them."""
     ckpts = []
     for f in range(folds):
         torch.manual_seed(f)
         path = run_dir / f"fold{f}" / "best.pt"
-        save_checkpoint(path, {"model": build_model(cfg).state_dict(), "config": to_dict(cfg), "fold": f})
+        model = build_model(cfg).state_dict()
+        write_checkpoint(path, BestCheckpoint(model, to_dict(cfg), f, 0, "val_dice", 0.0, 0.5, 16))
         ckpts.append(f"fold{f}/best.pt")
-    save_yaml(
-        run_dir / "manifest.yaml",
-        {
-            "checkpoints": ckpts,
-            "tta": tta,
-            "threshold": 0.5,
-            "min_area": 16,
-            "batch_size": batch_size,
-            "data_root": cfg.data.root,
-        },
-    )
-    return run_dir / "manifest.yaml"
+    infer = dataclasses.replace(cfg.infer, tta=tta, threshold=0.5, min_area=16, batch_size=batch_size)
+    return write_manifest(Manifest(run_dir, tuple(ckpts), infer, data_root=cfg.data.root))
 
 
 def measure(cfg, folds: int, tta: str, batch_size: int, workers: int, repeats: int, device_spec: str) -> dict:

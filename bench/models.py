@@ -4,9 +4,10 @@
     python -m bench.models --tiny               # CPU check of the script: 64x64, fp32, batch 2
     python -m bench.models --tag h100 --classes 21
 
-Per model: parameter count (``pipeline.models.count_parameters``), training img/s (one full
-``pipeline.engine.TrainStep``: forward, CE+Dice loss, backward, AdamW step, on one batch resident on the
-device) and inference img/s (``pipeline.infer.predict_batch``, no TTA). Random uint8 images and masks:
+Per model: parameter count (``pipeline.model.registry.count_parameters``), training img/s (one full
+``pipeline.train.engine.TrainStep``: forward, CE+Dice loss, backward, AdamW step, on one batch resident on the
+device) and inference img/s (``pipeline.infer.ensemble.predict_batch``, no TTA). Random uint8 images
+and masks:
 this measures the model, not the data loader (``bench/train_throughput.py`` does that).
 Writes ``bench/results/models[-<tag>].json`` with the device named; a CPU run says so in ``note``.
 """
@@ -20,11 +21,11 @@ from collections.abc import Sequence
 import torch
 
 from bench.common import device_info, sync, time_resident_steps, write_result
-from pipeline.config import load_config
-from pipeline.device import Dist, pick_device
-from pipeline.engine import build_training
-from pipeline.infer import predict_batch
-from pipeline.models import count_parameters
+from pipeline.core.config import load_config
+from pipeline.core.device import Dist, pick_device
+from pipeline.infer.ensemble import predict_batch
+from pipeline.model.registry import count_parameters
+from pipeline.train.engine import build_training
 
 DLV3P = ["model.arch=DeepLabV3Plus", "model.encoder=resnet34"]
 # (label, overrides): the README's table, in this order.

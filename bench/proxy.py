@@ -7,7 +7,7 @@
     make bench-proxy RECIPES="default lovasz"
 
 The real tiles (``../shared/data/buildings-real``) are shrunk once to ``--size`` px (images
-area-averaged, masks nearest-neighbour, RLE re-encoded with :mod:`pipeline.rle`) into
+area-averaged, masks nearest-neighbour, RLE re-encoded with :mod:`pipeline.data.rle`) into
 ``~/.cache/buildseg-proxy/data-<size>`` (``$BUILDSEG_PROXY_HOME``; outside the checkout), with one
 fixed fold split grouped by scene (``folds.csv``, seed 42).
 Every recipe trains U-Net/ResNet18 from random weights for a fixed epoch budget on fold 0's training
@@ -38,9 +38,10 @@ import numpy as np
 import pandas as pd
 
 from bench.common import RESULTS, device_info, real_data_dir, write_result
-from pipeline import rle
-from pipeline.data import read_image, read_mask_csv
-from pipeline.folds import write_folds
+from pipeline.data import rle
+from pipeline.data.folds import write_folds
+from pipeline.data.images import read_image
+from pipeline.data.masks import read_mask_csv
 
 RESULT = "proxy.json"
 # Outside the checkout: the shrunk tiles are derived from the real data and must never be committed.
@@ -126,7 +127,7 @@ def proxy_data(size: int) -> Path:
 
 
 def _train_config(root: Path, recipe: Recipe, seed: int, runs: Path, extra: Sequence[str] = ()) -> Any:
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     over = [*PROXY_OVERRIDES, f"data.root={root}", f"train.seed={seed}", f"train.runs_dir={runs}"]
     key = "-".join(o.replace("=", "_").replace("/", "_") for o in (*recipe.overrides, *extra)) or "default"
@@ -136,18 +137,18 @@ def _train_config(root: Path, recipe: Recipe, seed: int, runs: Path, extra: Sequ
 def _trained(cfg: Any) -> Path:
     """The run of ``cfg`` on fold 0, trained unless a finished one is already there (recipes that only
     add TTA sets share the default's runs)."""
-    from pipeline import train
-    from pipeline.config import run_name
+    from pipeline.core.config import run_name
+    from pipeline.train import trainer
 
     run_dir = Path(cfg.train.runs_dir) / run_name(cfg)
     if (run_dir / "manifest.yaml").is_file():
         return run_dir
-    return train.run(cfg, folds=[0])
+    return trainer.run(cfg, folds=[0])
 
 
 def _test_dice(run_dir: Path, data: Any, ttas: Sequence[str], out: Path) -> dict[str, float]:
-    from pipeline.runs import load_manifest
-    from pipeline.submit import make_submission
+    from pipeline.infer.submit import make_submission
+    from pipeline.runs.manifest import load_manifest
 
     manifest = load_manifest(run_dir)
     scores = {}
@@ -162,7 +163,7 @@ def run_recipe(name: str, seed: int, size: int) -> dict[str, Any]:
     """Train and score one (recipe, seed) on the proxy; the row of ``proxy.json``."""
     import torch
 
-    from pipeline.runs import load_manifest
+    from pipeline.runs.manifest import load_manifest
 
     recipe = RECIPES[name]
     root = proxy_data(size)
@@ -175,7 +176,7 @@ def run_recipe(name: str, seed: int, size: int) -> dict[str, Any]:
     manifest = load_manifest(run_dir)
     with tempfile.TemporaryDirectory() as tmp:
         test = _test_dice(run_dir, cfg.data, ["none", "d4", *recipe.tta], Path(tmp))
-    oof = manifest.extra["oof"]
+    oof = manifest.oof
     return {
         "recipe": name,
         "seed": seed,
@@ -196,7 +197,7 @@ def run_recipe(name: str, seed: int, size: int) -> dict[str, Any]:
 
 def _pseudo(run_dir: Path, cfg: Any) -> Path:
     """A pseudo-label round on fold 0 (the teacher saw no fold-0 validation tile: OOF stays honest)."""
-    from pipeline.pseudo import pseudo_round
+    from pipeline.infer.pseudo import pseudo_round
 
     return pseudo_round(run_dir, folds=[0])
 
@@ -267,7 +268,7 @@ def _plain_predict(model: Any, imgs: np.ndarray, d4: bool) -> np.ndarray:
 
 
 def _plain_dice(prob: np.ndarray, truth: np.ndarray) -> float:
-    from pipeline.metrics import mean_dice  # the one ruler both sides are scored with
+    from pipeline.metrics.pixel import mean_dice
 
     return round(float(mean_dice(prob > 0.5, truth.astype(bool))), 4)
 

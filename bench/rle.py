@@ -1,11 +1,11 @@
-"""RLE codec speed: ``pipeline.rle`` against the public baseline's codec, on every real train mask.
+"""RLE codec speed: ``pipeline.data.rle`` against the public baseline's codec, on every real train mask.
 
     python -m bench.rle [--data DIR] [--out bench/results/rle.json] [--repeat 7]
 
 Decode is measured two ways, side by side:
 
 * per mask: ``rle.decode(s)`` against ``baseline_decode(s)``, one string at a time;
-* the column (what the pipeline does: ``pipeline.data.decode_masks`` decodes a CSV's whole mask
+* the column (what the pipeline does: ``pipeline.data.masks.decode_masks`` decodes a CSV's whole mask
   column once into a cache): ``rle.decode_many`` over all rows against the baseline decoder looped
   over all rows, both writing every mask into a preallocated [N, W, H] buffer (each mask
   column-major: the layout the cache uses and the baseline's own F-ordered result). The decode goal
@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 
 from bench.common import RESULTS, real_data_dir
-from pipeline import rle
-from pipeline.io import atomic_write_text
+from pipeline.core.io import atomic_write_text
+from pipeline.data import rle
 
 GOAL = {"decode_speedup": 20.0, "encode_speedup": 3.0}
 SHAPE = (512, 512)
@@ -272,7 +272,7 @@ def notes(profile: dict[str, float], column: dict[str, Any], runs_mean: float) -
         f"most of its time in str -> int conversion and a Python loop over ~{runs_mean:.0f} runs. Our "
         "stages are close to the fixed cost of ~1 us per numpy call on arrays this small.",
         f"decode of the column ({column['decoder']}): {column['ours_us_per_mask']} us per mask, parsing the "
-        "digits and filling runs in place in one compiled pass (pipeline.rle._paint_rows); numpy alone "
+        "digits and filling runs in place in one compiled pass (pipeline.data.rle._paint_rows); numpy alone "
         "needs ~30 calls per row and a per-run np.repeat, which capped the column at ~9x (measured before "
         "the compiled pass, on the same data).",
         f"encode on the median mask: {p['encode.find_run_edges']} us to find run edges in a C-ordered mask "
@@ -305,7 +305,7 @@ def run(data: Path, repeat: int = 7) -> dict[str, Any]:
         "what": (
             "decode_many(rles, out=buffer) over all rows against `for i, s in enumerate(rles): "
             "buffer[i] = baseline_decode(s)`; both buffers preallocated uint8 [N, W, H] seen as [N, H, W] "
-            "(each mask column-major, as pipeline.data.decode_masks stores them)"
+            "(each mask column-major, as pipeline.data.masks.decode_masks stores them)"
         ),
         "ours_ms": round(col["ours"] * 1e3, 2),
         "baseline_ms": round(col["baseline"] * 1e3, 2),
@@ -325,7 +325,7 @@ def run(data: Path, repeat: int = 7) -> dict[str, Any]:
     per_mask = summarise(dec["ours"], dec["baseline"], GOAL["decode_speedup"])
     encode = summarise(enc["ours"], enc["baseline"], GOAL["encode_speedup"])
     return {
-        "benchmark": "RLE codec: pipeline.rle vs the public baseline",
+        "benchmark": "RLE codec: pipeline.data.rle vs the public baseline",
         "command": "python -m bench.rle " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {
@@ -351,7 +351,7 @@ def run(data: Path, repeat: int = 7) -> dict[str, Any]:
         "goal": GOAL,
         "verdict": {
             "decode": {
-                "judged_on": "decode_column (the pipeline decodes whole columns: pipeline.data.decode_masks)",
+                "judged_on": "decode_column (the pipeline decodes whole columns: data.masks.decode_masks)",
                 "speedup": column["speedup"],
                 "goal": GOAL["decode_speedup"],
                 "met": column["met"],

@@ -63,8 +63,8 @@ def _tile(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 def generate(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
     """The competition layout with ``n_train`` + ``n_test`` tiles; tiles already there are kept."""
-    from pipeline import rle
-    from pipeline.maskcsv import format_csv
+    from pipeline.data import rle
+    from pipeline.data.maskcsv import format_csv
 
     rng = np.random.default_rng(seed)
     for split, n, csv in (("train", n_train, "train_mask.csv"), ("test_a", n_test, "test_a_mask.csv")):
@@ -87,23 +87,23 @@ def generate(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
 
 
 def _stage_check_data(root: Path, _: dict) -> dict:
-    from pipeline.check_data import check_dataset
+    from pipeline.data.check import check_dataset
 
     report = check_dataset(root)
     return {"errors": len(report.errors)}
 
 
 def _stage_mask_cache(root: Path, _: dict) -> dict:
-    from pipeline.config import DataConfig
-    from pipeline.data import cache_dir
-    from pipeline.layouts import read_source
+    from pipeline.core.config import DataConfig
+    from pipeline.data.layouts import read_source
+    from pipeline.data.masks import cache_dir
 
     read_source(DataConfig(root=str(root)), with_test=False)
     return {"disk_mb": round(sum(p.stat().st_size for p in cache_dir().glob("masks-*")) / 2**20, 1)}
 
 
 def _stage_folds(root: Path, _: dict) -> dict:
-    from pipeline.folds import write_folds
+    from pipeline.data.folds import write_folds
 
     write_folds(root, out=root / "folds.csv")
     return {}
@@ -112,9 +112,9 @@ def _stage_folds(root: Path, _: dict) -> dict:
 def _stage_data_path(root: Path, opts: dict) -> dict:
     import torch
 
-    from pipeline.config import AugConfig, DataConfig
-    from pipeline.data import SegDataset, build_transforms
-    from pipeline.layouts import read_source
+    from pipeline.core.config import AugConfig, DataConfig
+    from pipeline.data.dataset import SegDataset, build_transforms
+    from pipeline.data.layouts import read_source
 
     torch.set_num_threads(1)  # one DataLoader worker = one process on one core
     train = read_source(DataConfig(root=str(root)), with_test=False).train
@@ -134,18 +134,18 @@ def _stage_data_path(root: Path, opts: dict) -> dict:
 
 def _stage_make_oof(root: Path, _: dict) -> dict:
     """Synthetic OOF files for every training tile (not timed as a pipeline stage)."""
-    import pandas as pd
 
-    from pipeline.config import Config, DataConfig, save_config
-    from pipeline.layouts import read_source
-    from pipeline.runs import oof_writer
+    from pipeline.core.config import Config, DataConfig, save_config
+    from pipeline.data.folds import load_folds, save_folds
+    from pipeline.data.layouts import read_source
+    from pipeline.runs.oof import oof_writer
 
     run = root / "run"
     shutil.rmtree(run, ignore_errors=True)
     train = read_source(DataConfig(root=str(root)), with_test=False).train
-    folds = pd.read_csv(root / "folds.csv")
+    folds = load_folds(root / "folds.csv", train.names)
     save_config(Config(name="scale", data=DataConfig(root=str(root))), _mkdir(run) / "config.yaml")
-    folds.to_csv(run / "folds.csv", index=False)
+    save_folds(run / "folds.csv", folds)
     rng = np.random.default_rng(0)
     for k in sorted(folds["fold"].unique()):
         names = folds.loc[folds["fold"] == k, "name"].tolist()
@@ -159,9 +159,9 @@ def _stage_make_oof(root: Path, _: dict) -> dict:
 
 
 def _stage_tune(root: Path, _: dict) -> dict:
-    from pipeline.config import load_config
-    from pipeline.layouts import read_source
-    from pipeline.tune import tune_run
+    from pipeline.core.config import load_config
+    from pipeline.data.layouts import read_source
+    from pipeline.train.tune import tune_run
 
     cfg = load_config(root / "run" / "config.yaml")
     tuned = tune_run(cfg, read_source(cfg.data, with_test=False), root / "run")
@@ -170,10 +170,10 @@ def _stage_tune(root: Path, _: dict) -> dict:
 
 def _stage_submit_cpu(root: Path, _: dict) -> dict:
     """Threshold, small components, RLE and the CSV for the test tiles, given their probabilities."""
-    from pipeline.config import DataConfig
-    from pipeline.io import atomic_write
-    from pipeline.layouts import read_source
-    from pipeline.submit import _encode
+    from pipeline.core.config import DataConfig
+    from pipeline.core.io import atomic_write
+    from pipeline.data.layouts import read_source
+    from pipeline.infer.submit import _encode
 
     test = read_source(DataConfig(root=str(root)), with_train=False).test
     rng = np.random.default_rng(1)
@@ -217,7 +217,7 @@ def _write_scene(path: Path, size: int, width: int | None = None) -> None:
 
 
 def _stage_make_tiles(root: Path, opts: dict) -> dict:
-    from pipeline.tiling import make_tiles
+    from pipeline.geo.tiling import make_tiles
 
     scenes = root / "scenes"
     summary = make_tiles(scenes / "images", scenes / "gt", root / "tiles", TILE, 0, 90)
@@ -225,7 +225,7 @@ def _stage_make_tiles(root: Path, opts: dict) -> dict:
 
 
 def _stage_predict_scene(root: Path, opts: dict) -> dict:
-    from pipeline.scene import predict_scene
+    from pipeline.geo.scene import predict_scene
 
     h, w = opts["height"], opts["width"]
     src, dst = root / f"scene{h}x{w}.tif", root / f"mask{h}x{w}.tif"
@@ -237,8 +237,8 @@ def _stage_model_window(root: Path, _: dict) -> dict:
     """Seconds per 512 px window of a small real model (U-Net/ResNet18, fp32, CPU, batch 8)."""
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.models import build_model
+    from pipeline.core.config import load_config
+    from pipeline.model.registry import build_model
 
     cfg = load_config(None, ["model.encoder=resnet18", "model.encoder_weights=null", "train.device=cpu"])
     model = build_model(cfg, pretrained=False).eval()
@@ -254,8 +254,8 @@ def _stage_forward_memory(root: Path, opts: dict) -> dict:
     """Peak RSS of one inference forward of ``images`` 512 px tiles (default U-Net/ResNet34, fp32, CPU)."""
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.models import build_model
+    from pipeline.core.config import load_config
+    from pipeline.model.registry import build_model
 
     cfg = load_config(None, ["model.encoder_weights=null", "train.device=cpu"])
     model = build_model(cfg, pretrained=False).eval()

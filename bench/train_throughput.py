@@ -4,7 +4,7 @@
     python -m bench.train_throughput --tiny           # CPU check at a tiny size (no GPU figure)
 
 Both are measured in one run with the same model, batch, precision and ``TrainStep`` as
-``pipeline.train``: (a) batches come from the training DataLoader (workers, augmentation, pinned
+``pipeline.train.trainer``: (a) batches come from the training DataLoader (workers, augmentation, pinned
 memory); (b) one batch already on the device is stepped repeatedly. Goal: (a)/(b) >= 0.9.
 Writes ``bench/results/train_throughput[-<tag>].json`` with the device named and peak GPU memory.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from bench.common import device_info, real_data_dir, sync, time_resident_steps, tiny_data, write_result
-from pipeline.config import load_config
-from pipeline.data import IMAGE, MASK, SegDataset, build_transforms
-from pipeline.device import Dist, pick_device
-from pipeline.engine import ResumableSampler, build_training, make_loader
-from pipeline.layouts import read_source
-from pipeline.models import count_parameters
+from pipeline.core.config import load_config
+from pipeline.core.device import Dist, pick_device
+from pipeline.data.dataset import IMAGE, MASK, SegDataset, build_transforms
+from pipeline.data.layouts import read_source
+from pipeline.model.registry import count_parameters
+from pipeline.train.engine import ResumableSampler, build_training, make_loader
 
 
 def measure(cfg, steps: int, warmup: int) -> dict:

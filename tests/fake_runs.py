@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,11 +11,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import postprocess, rle
-from pipeline.config import Config, DataConfig, save_config
-from pipeline.data import Split
-from pipeline.io import save_yaml
-from pipeline.layouts import Source, read_source
+from pipeline.core.config import Config, DataConfig, InferConfig, save_config
+from pipeline.data import rle
+from pipeline.data.dataset import Split
+from pipeline.data.folds import save_folds
+from pipeline.data.layouts import Source, read_source
+from pipeline.metrics import postprocess
+from pipeline.runs.history import write_metrics
+from pipeline.runs.manifest import Manifest, write_manifest, write_search
+from pipeline.runs.oof import OOF_KEYS, oof_writer
 
 H = W = 8
 
@@ -47,32 +52,29 @@ def masks(n: int) -> np.ndarray:
     return m
 
 
+def write_oof(fold_dir: Path, names: list[str], probs: np.ndarray) -> None:
+    """A fold's OOF file through the one writer, in the order given."""
+    with oof_writer(fold_dir / "oof.npz", names, OOF_KEYS[True]) as write:
+        write(range(len(names)), probs)
+
+
 def write_run(
     root: Path, names: list[str], folds: list[int], probs: np.ndarray, threshold: float = 0.5
 ) -> Path:
-    """A run folder in make train's layout: OOF files in reverse order so load_run's sorting is tested."""
+    """A run folder in make train's layout, written with the run folder's own writers; OOF files in
+    reverse order so load_run's sorting is tested."""
     root.mkdir(parents=True)
     save_config(Config(name=root.name, data=DataConfig(root=str(root / "data"))), root / "config.yaml")
-    pd.DataFrame({"name": names, "fold": folds}).to_csv(root / "folds.csv", index=False)
+    save_folds(root / "folds.csv", pd.DataFrame({"name": names, "fold": folds}))
     for k in sorted(set(folds)):
         d = root / f"fold{k}"
         d.mkdir()
-        metrics_frame(k).to_csv(d / "metrics.csv", index=False)
+        write_metrics(d, metrics_frame(k).to_dict("records"))
         idx = [i for i, f in enumerate(folds) if f == k][::-1]
-        np.savez_compressed(d / "oof.npz", names=np.array([names[i] for i in idx]), probs=probs[idx])
-    pd.DataFrame({"threshold": [0.5], "min_area": [0], "dice": [0.9]}).to_csv(
-        root / "threshold_search.csv", index=False
-    )
-    save_yaml(
-        root / "manifest.yaml",
-        {
-            "run": root.name,
-            "checkpoints": ["fold0/best.pt"],
-            "threshold": threshold,
-            "min_area": 0,
-            "oof": {"oof_dice": 0.5},
-        },
-    )
+        write_oof(d, [names[i] for i in idx], probs[idx])
+    write_search(root, pd.DataFrame({"threshold": [0.5], "min_area": [0], "dice": [0.9]}))
+    infer = dataclasses.replace(InferConfig(), threshold=threshold, min_area=0)
+    write_manifest(Manifest(root, ("fold0/best.pt",), infer, 1, str(root / "data"), {"oof_dice": 0.5}))
     return root
 
 
@@ -129,34 +131,27 @@ def write_synthetic_run(run_dir: Path, data_root: Path, seed: int = 0) -> Path:
     run_dir.mkdir(parents=True)
     cfg = Config(name=run_dir.name, data=DataConfig(root=str(data_root), n_folds=2))
     save_config(cfg, run_dir / "config.yaml")
-    folds.to_csv(run_dir / "folds.csv", index=False)
+    save_folds(run_dir / "folds.csv", folds)
     probs, truths = [], []
     for k in (0, 1):
         fold_dir = run_dir / f"fold{k}"
         fold_dir.mkdir()
-        _fold_metrics(k).to_csv(fold_dir / "metrics.csv", index=False)
+        write_metrics(fold_dir, _fold_metrics(k).to_dict("records"))
         names = folds.loc[folds["fold"] == k, "name"].tolist()[::-1]  # not sorted: load_run must sort
         p = np.stack([_fake_probs(masks[n], rng, shift=i % 3) for i, n in enumerate(names)])
-        np.savez_compressed(fold_dir / "oof.npz", names=np.array(names), probs=p)
+        write_oof(fold_dir, names, p)
         probs.append(p)
         truths.append(np.stack([masks[n] for n in names]))
     result = postprocess.search_threshold(
         np.concatenate(probs), np.concatenate(truths), (0.3, 0.4, 0.5, 0.6, 0.7), (0, 16, 32)
     )
-    result.table.to_csv(run_dir / "threshold_search.csv", index=False)
-    save_yaml(
-        run_dir / "manifest.yaml",
-        {
-            "run": run_dir.name,
-            "data_root": str(data_root),
-            "checkpoints": ["fold0/best.pt", "fold1/best.pt"],  # not written: fold agreement is skipped
-            "tta": "none",
-            "threshold": result.threshold,
-            "min_area": result.min_area,
-            "classes": 1,
-            "oof": {"oof_dice": result.dice, "n_oof": len(train)},
-        },
+    write_search(run_dir, result.table)
+    infer = dataclasses.replace(
+        InferConfig(), tta="none", threshold=result.threshold, min_area=result.min_area
     )
+    checkpoints = ("fold0/best.pt", "fold1/best.pt")  # not written: fold agreement is skipped
+    oof = {"oof_dice": result.dice, "n_oof": len(train)}
+    write_manifest(Manifest(run_dir, checkpoints, infer, 1, str(data_root), oof))
     return run_dir
 
 

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 from bench import proxy
-from pipeline import rle
-from pipeline.data import read_image, read_mask_csv
-from pipeline.demo_data import generate
+from pipeline.data import rle
+from pipeline.data.demo import generate
+from pipeline.data.images import read_image
+from pipeline.data.masks import read_mask_csv
 
 
 def test_shrink_area_averages_images_and_keeps_masks_nearest(tmp_path):

@@ -1,5 +1,5 @@
 """Multi-class: VOC and Cityscapes-style layouts, nearest-neighbour masks, and every architecture end
-to end (``pipeline.train`` -> ``submit`` / ``predict``) on CPU. The class-id PNGs of ``pipeline.predict``
+to end (``make train`` -> ``submit`` / ``predict``) on CPU. The class-id PNGs of ``pipeline.infer.predict``
 and their scoring are in test_predict.py and test_score.py.
 
 The data: a tiny 3-class VOC-layout set (tests/voc_data.py).
@@ -17,17 +17,14 @@ import pytest
 from PIL import Image
 from voc_data import FAST, VAL_SIZES, draw_scene, make_voc, multi_cfg, save_palette_png, voc_cfg
 
-from pipeline import predict, submit, train
-from pipeline.config import DataConfig, load_config
-from pipeline.data import DataError, Split, build_transforms
-from pipeline.layouts import (
-    LAYOUTS,
-    LabelPngs,
-    read_colormap,
-    read_source,
-    voc_colors,
-)
-from pipeline.runs import load_manifest, run_data_config
+from pipeline.core.config import DataConfig, load_config
+from pipeline.data import DataError
+from pipeline.data.dataset import Split, build_transforms
+from pipeline.data.labels import LabelPngs
+from pipeline.data.layouts import LAYOUTS, read_colormap, read_source, voc_colors
+from pipeline.infer import predict, submit
+from pipeline.runs.manifest import load_manifest, run_data_config
+from pipeline.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,8 +134,10 @@ def test_cityscapes_reader_maps_label_ids_with_the_colormap(tmp_path):
     assert source.class_names == ["road", "car"] and source.colors == [(128, 64, 128), (0, 0, 142)]
     assert source.ignore_index == 255
     assert source.train.names == [
-        "city/city_000000_leftImg8bit.png", "city/city_000001_leftImg8bit.png",
-        "city/city_000002_leftImg8bit.png", "flat.jpg",
+        "city/city_000000_leftImg8bit.png",
+        "city/city_000001_leftImg8bit.png",
+        "city/city_000002_leftImg8bit.png",
+        "flat.jpg",
     ]
     m = source.train.masks[0]
     assert m.shape == (32, 48) and m.dtype == np.uint8
@@ -241,15 +240,13 @@ SLOW_MULTI = {"unet-vgg16"}
 
 
 def _cases(slow: set[str]) -> list:
-    return [
-        pytest.param(k, marks=[pytest.mark.slow] if k in slow else []) for k in ARCHS
-    ]
+    return [pytest.param(k, marks=[pytest.mark.slow] if k in slow else []) for k in ARCHS]
 
 
 @pytest.mark.parametrize("arch", _cases(SLOW_BINARY))
 def test_binary_train_then_submit(arch, tiny_cfg, tmp_path):
     cfg = tiny_cfg(*FAST, *ARCHS[arch])
-    run_dir = train.run(cfg, folds=[0])
+    run_dir = trainer.run(cfg, folds=[0])
     manifest = load_manifest(run_dir)
     data = run_data_config(manifest.run_dir)
     result = submit.make_submission(manifest, data, tmp_path / "sub", num_workers=0)
@@ -258,7 +255,7 @@ def test_binary_train_then_submit(arch, tiny_cfg, tmp_path):
     m = result.score["metrics"]
     assert 0 <= m["pixel_accuracy"] <= 1 and [c["name"] for c in m["per_class"]] == ["background", "building"]
     assert sum(c["truth_pixels"] for c in m["per_class"]) == 8 * 64 * 64
-    # pipeline.predict on the same run: 0/1 PNGs, and the same numbers as the scored RLE submission.
+    # pipeline.infer.predict on the same run: 0/1 PNGs, and the same numbers as the scored RLE submission.
     out = predict.predict_to_dir(manifest, data, tmp_path / "pred", num_workers=0)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 8
     assert out.metrics["competition_dice"] == pytest.approx(result.score["dice"])
@@ -268,7 +265,7 @@ def test_binary_train_then_submit(arch, tiny_cfg, tmp_path):
 @pytest.mark.parametrize("arch", _cases(SLOW_MULTI))
 def test_multiclass_train_then_predict(arch, voc_root, tmp_path):
     cfg = multi_cfg(voc_root, tmp_path, *ARCHS[arch])
-    run_dir = train.run(cfg, folds=[0])
+    run_dir = trainer.run(cfg, folds=[0])
     with np.load(run_dir / "fold0" / "oof.npz") as z:
         assert z["labels"].dtype == np.uint8 and set(np.unique(z["labels"])) <= {0, 1, 2}  # class ids
     manifest = load_manifest(run_dir)
@@ -298,9 +295,9 @@ def test_multiclass_training_on_images_of_different_sizes(tmp_path):
     lists = root / "ImageSets" / "Segmentation"
     (lists / "train.txt").write_text((lists / "val.txt").read_text())
     with pytest.raises(DataError, match="4 different sizes .* set data.crop_size"):
-        train.run(multi_cfg(root, tmp_path, *ARCHS["fpn"]), folds=[0])
-    run_dir = train.run(multi_cfg(root, tmp_path, *ARCHS["fpn"], "data.crop_size=64"), folds=[0])
-    oof = load_manifest(run_dir).extra["oof"]
+        trainer.run(multi_cfg(root, tmp_path, *ARCHS["fpn"]), folds=[0])
+    run_dir = trainer.run(multi_cfg(root, tmp_path, *ARCHS["fpn"], "data.crop_size=64"), folds=[0])
+    oof = load_manifest(run_dir).oof
     assert 0 <= oof["oof_miou"] <= 1 and oof["n_oof"] == 4
     # Validation logs every confusion-matrix metric.
     logged = pd.read_csv(run_dir / "fold0" / "metrics.csv")
@@ -310,6 +307,6 @@ def test_multiclass_training_on_images_of_different_sizes(tmp_path):
 
 def test_train_checks_classes_and_ignore_index_against_the_layout(voc_root, tmp_path):
     with pytest.raises(DataError, match="has 3 classes .* set model.classes=3"):
-        train.run(multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "model.classes=5"), folds=[0])
+        trainer.run(multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "model.classes=5"), folds=[0])
     with pytest.raises(DataError, match="set loss.ignore_index=255"):
-        train.run(multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "loss.ignore_index=null"), folds=[0])
+        trainer.run(multi_cfg(voc_root, tmp_path, *ARCHS["fpn"], "loss.ignore_index=null"), folds=[0])

@@ -16,8 +16,8 @@ from fake_runs import DemoRun
 from nbclient import NotebookClient
 from PIL import Image
 
-from pipeline.config import DataConfig
-from pipeline.layouts import read_source
+from pipeline.core.config import DataConfig
+from pipeline.data.layouts import read_source
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -102,7 +102,7 @@ def test_02_folds(demo_run: DemoRun) -> None:
 
 
 def test_03_submission(demo_run: DemoRun) -> None:
-    from pipeline.score import score_submission
+    from pipeline.infer.score import score_submission
 
     nb = _execute(
         "03_submission.ipynb",
@@ -128,10 +128,10 @@ def test_03_submission(demo_run: DemoRun) -> None:
 
 def test_02_folds_on_a_real_tiny_training(tiny_cfg) -> None:
     """The folds notebook on what `make train` really writes (checkpoints included: fold agreement runs)."""
-    from pipeline import train
+    from pipeline.train import trainer
 
     cfg = tiny_cfg("infer.tta=none")
-    run = train.run(cfg)
+    run = trainer.run(cfg)
     nb = _execute("02_folds.ipynb", DATA=cfg.data.root, RUN=str(run), WORST=3, AGREEMENT_TILES=4)
     # fold summary, learning curves, threshold curve, Dice histogram, worst tiles, fold agreement
     assert len(_outputs(nb, "image/png")) == 6

@@ -13,8 +13,8 @@ import numpy as np
 from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from pipeline.config import Config, DataConfig, load_config
-from pipeline.layouts import voc_colors
+from pipeline.core.config import Config, DataConfig, load_config
+from pipeline.data.layouts import voc_colors
 
 COLORMAP = {
     "classes": [
@@ -82,8 +82,18 @@ FAST = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=2", "
 
 def multi_cfg(voc_root: Path, tmp_path: Path, *extra: str) -> Config:
     """A tiny 3-class training config on ``voc_root`` (CPU, one short epoch), runs under ``tmp_path``."""
-    return load_config(None, [
-        f"data.root={voc_root}", "data.layout=voc", "data.colormap_json=colormap.json", "model.classes=3",
-        "loss.ignore_index=255", f"train.runs_dir={tmp_path / 'runs'}", "name=voc", *TINY_OVERRIDES, *FAST,
-        *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.root={voc_root}",
+            "data.layout=voc",
+            "data.colormap_json=colormap.json",
+            "model.classes=3",
+            "loss.ignore_index=255",
+            f"train.runs_dir={tmp_path / 'runs'}",
+            "name=voc",
+            *TINY_OVERRIDES,
+            *FAST,
+            *extra,
+        ],
+    )

@@ -1,0 +1,3 @@
+"""Reading finished runs: numbers about data, folds and predictions (analysis), figures, and
+`make report`.
+"""

@@ -1,0 +1,106 @@
+"""``fold<k>/oof.npz``: a fold's out-of-fold predictions, written and read in chunks.
+
+``names`` str [N]; binary runs: ``probs`` uint8 [N, H, W] (``round(p * 255)``); multi-class runs:
+``labels`` uint8 [N, H, W] (class ids). A plain ``np.savez_compressed`` layout, streamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.io import atomic_write
+from pipeline.runs import RunError
+
+OOF_KEYS = {True: "probs", False: "labels"}  # oof.npz array by task (binary?): probabilities, class ids
+
+
+def oof_files(run_dir: str | Path) -> dict[int, Path]:
+    """fold -> ``fold<k>/oof.npz`` of a run, for the folds that finished (the file is written last)."""
+    run_dir = Path(run_dir)
+    found = (f for f in run_dir.glob("fold*/oof.npz") if f.parent.name.removeprefix("fold").isdigit())
+    return dict(sorted((int(f.parent.name.removeprefix("fold")), f) for f in found))
+
+
+def oof_names(path: str | Path) -> list[str]:
+    """The tile names of an ``oof.npz``, without reading its maps."""
+    path = Path(path)
+    try:
+        with np.load(path) as z:
+            if "names" not in z:
+                raise RunError(
+                    f"{path} must hold an array 'names'; it has {list(z.keys())}; retrain this fold"
+                )
+            return [str(n) for n in z["names"]]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise RunError(f"{path} is not a readable OOF file ({e}); retrain this fold") from None
+
+
+@contextlib.contextmanager
+def oof_writer(
+    path: str | Path, names: Sequence[str], key: str
+) -> Iterator[Callable[[Sequence[int], Any], None]]:
+    """Write an ``oof.npz`` (``names`` and ``key``: uint8 [N, H, W]) batch by batch, atomically.
+
+    Yields ``write(indices, arrays)``; the arrays (uint8 [B, H, W], in dataset order) are streamed into
+    the compressed zip as they arrive, so a fold's OOF maps are never held whole (6k tiles x 512 x 512
+    = 1.5 GB at the competition's size). ``np.load`` reads the file like any ``np.savez_compressed``.
+    """
+    path, n = Path(path), len(names)
+    done, member = 0, None
+    with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("names.npy", "w", force_zip64=True) as m:
+            np.lib.format.write_array(m, np.array([str(x) for x in names]))
+
+        def write(indices: Sequence[int], arrays: Any) -> None:
+            nonlocal done, member
+            if list(indices) != list(range(done, done + len(arrays))):
+                raise ValueError(f"{path}: OOF batches must come in dataset order, got {list(indices)[:4]}")
+            arrays = np.ascontiguousarray(arrays, dtype=np.uint8)
+            if member is None:
+                member = zf.open(f"{key}.npy", "w", force_zip64=True)
+                header = {"descr": "|u1", "fortran_order": False, "shape": (n, *arrays.shape[1:])}
+                np.lib.format.write_array_header_1_0(member, header)
+            member.write(arrays.tobytes())
+            done += len(arrays)
+
+        try:
+            yield write
+        finally:
+            if member is not None:
+                member.close()
+        if done != n:
+            raise ValueError(f"{path}: {done} OOF maps written for {n} tiles")
+
+
+def oof_chunks(path: str | Path, key: str, chunk: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Stream an ``oof.npz`` member ``key`` (``probs`` or ``labels``, uint8 [N, H, W]) in chunks of
+    ``chunk`` images: yields (names [n], array [n, H, W]).
+
+    The member is read straight out of the (compressed) zip, ``chunk`` rows at a time, so tuning a
+    30k-tile run never holds a whole fold's maps (6k x 512 x 512 = 1.5 GB) in memory.
+    """
+    path = Path(path)
+    with np.load(path) as z:
+        if "names" not in z or key not in z:
+            raise RunError(f"{path} must hold arrays 'names' and '{key}'; it has {list(z.keys())}; retrain")
+        names = [str(n) for n in z["names"]]
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        fmt = np.lib.format
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran or len(shape) != 3 or shape[0] != len(names):
+            raise RunError(f"{path}: '{key}' is {shape} (fortran={fortran}) for {len(names)} names; retrain")
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], chunk):
+            n = min(chunk, shape[0] - start)
+            buf = f.read(n * row)
+            if len(buf) != n * row:
+                raise RunError(f"{path}: '{key}' ends early (truncated file); retrain this fold")
+            yield names[start : start + n], np.frombuffer(buf, dtype=dtype).reshape(n, *shape[1:])

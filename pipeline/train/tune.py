@@ -1,0 +1,227 @@
+"""Tune post-processing on the out-of-fold predictions and write the run's ensemble manifest.
+
+    python -m pipeline.train.tune --run runs/<run> [--data DIR] [infer.thresholds=[0.4,0.5] ...]   # make tune
+
+Training ends with this step; running it alone re-tunes a finished run without retraining (a new
+threshold grid, a moved data folder). Binary runs: the threshold x minimum-component-area grid of
+``infer.thresholds`` x ``infer.min_areas`` is searched on every fold's ``oof.npz`` at once, the table
+goes to ``threshold_search.csv``, the best pair to ``manifest.yaml`` *and* into every ``best.pt``, so
+a single checkpoint is self-sufficient. Multi-class runs: OOF mIoU and pixel accuracy (argmax needs
+no threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.config import Config, ConfigError, config_changes, load_config, to_dict
+from pipeline.core.errors import BuildsegError, cli
+from pipeline.core.io import (
+    load_yaml,
+    remove_stale_temps,
+)
+from pipeline.core.progress import progress
+from pipeline.data import DataError
+from pipeline.data.dataset import build_transforms
+from pipeline.data.layouts import Source, read_source
+from pipeline.data.masks import release_pages
+from pipeline.metrics import postprocess
+from pipeline.metrics.pixel import confusion_matrix, mean_iou, pixel_accuracy
+from pipeline.runs.checkpoint import read_best, set_postprocessing
+from pipeline.runs.folder import run_lock
+from pipeline.runs.history import best_scores, monitor_key
+from pipeline.runs.manifest import Manifest, latest_run, write_manifest, write_search
+from pipeline.runs.oof import OOF_KEYS, oof_chunks, oof_files
+
+
+class TuneError(BuildsegError, RuntimeError):
+    """Nothing to tune on; the message says what to run first."""
+
+
+def iter_oof(run_dir: Path, source: Source, binary: bool) -> Iterator[tuple[int, np.ndarray, Any]]:
+    """(fold, OOF chunk uint8 [n, H, W], truth masks [n, H, W]) over every fold file, streamed.
+
+    One chunk of OOF maps and masks at a time: memory does not grow with the number of tiles.
+    """
+    files = oof_files(run_dir)
+    if not files:
+        raise TuneError(f"no out-of-fold files in {run_dir}; train at least one fold (make train)")
+    bar = progress(None, f"tune {run_dir.name}", unit="tile")
+    for fold, path in files.items():
+        for names, arr in oof_chunks(path, OOF_KEYS[binary]):
+            try:
+                truths = source.train.select(names, f"OOF tiles of {path}: is DATA the run's data?").masks
+            except DataError as e:
+                raise TuneError(str(e)) from None
+            yield fold, arr, truths
+            release_pages(source.train.masks)  # a scan of every mask must not keep them resident
+            bar.update(len(names))
+    bar.close()
+
+
+def tune_binary(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
+    """Search threshold and min component area on every fold's OOF file; write the search table.
+
+    The counts cover the grid plus (0.5, 0), so Dice at the untuned rule comes from the same pass.
+    """
+    thr = sorted({*cfg.infer.thresholds, 0.5})
+    areas = sorted({*cfg.infer.min_areas, 0})
+    folds: list[int] = []
+    with postprocess.GridCounts(thr, areas) as counts:
+        for fold, probs, truths in iter_oof(run_dir, source, binary=True):
+            counts.add(probs, np.asarray(truths), first=len(folds))
+            folds += [fold] * len(probs)
+        dice = counts.dice()  # [T', M', N]
+    folds_arr = np.asarray(folds)
+    ti = [thr.index(float(t)) for t in cfg.infer.thresholds]
+    ai = [areas.index(int(m)) for m in cfg.infer.min_areas]
+    result = postprocess.best_of(cfg.infer.thresholds, cfg.infer.min_areas, dice[np.ix_(ti, ai)].mean(axis=2))
+    write_search(run_dir, result.table)
+    at_half = dice[thr.index(0.5), areas.index(0)]
+    tuned = dice[thr.index(result.threshold), areas.index(result.min_area)]
+    rows = {
+        int(k): {
+            "n": int((folds_arr == k).sum()),
+            "dice@0.5": float(at_half[folds_arr == k].mean()),
+            "dice@tuned": float(tuned[folds_arr == k].mean()),
+        }
+        for k in sorted(set(folds))
+    }
+    return {
+        "threshold": float(result.threshold),
+        "min_area": int(result.min_area),
+        "oof_dice": float(result.dice),
+        "oof_dice@0.5": float(at_half.mean()),
+        "per_fold": rows,
+        "n_oof": len(folds),
+    }
+
+
+def tune_multiclass(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
+    """mIoU and pixel accuracy of the OOF class ids from one confusion matrix.
+
+    With ``data.crop_size`` the OOF predictions are of the validation view (pad + centre crop), so each
+    truth goes through the same transform first; images may differ in size (VOC).
+    """
+    ignore = cfg.loss.ignore_index if cfg.loss.ignore_index is not None else 0
+    view = build_transforms(cfg.aug, False, cfg.data.crop_size, ignore)
+    k = cfg.model.classes
+    cm = np.zeros((k, k), dtype=np.int64)
+    n = 0
+    for _, preds, truths in iter_oof(run_dir, source, binary=False):
+        for i, pred in enumerate(preds):
+            truth = np.asarray(truths[i])
+            if view is not None:
+                truth = view(image=np.zeros((*truth.shape, 3), np.uint8), mask=truth)["mask"]
+            cm += confusion_matrix(pred, truth, k, ignore_index=cfg.loss.ignore_index)
+        n += len(preds)
+    return {
+        "threshold": None,
+        "min_area": None,
+        "oof_miou": float(mean_iou(cm)),
+        "oof_pixel_accuracy": float(pixel_accuracy(cm)),
+        "per_fold": {},
+        "n_oof": n,
+    }
+
+
+def check_members(cfg: Config, run_dir: Path, ckpts: Sequence[str]) -> None:
+    """Raise :class:`TuneError` unless every checkpoint was trained with the run's config (``config.yaml``),
+    the fold and the inference settings aside: a fold of another config must not join the ensemble
+    unnoticed. Listing such checkpoints in ``manifest.yaml`` by hand makes an explicit ensemble."""
+    saved = load_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else to_dict(cfg)
+    for c in ckpts:
+        changes = config_changes(saved, read_best(run_dir / c).config)
+        if changes:
+            raise TuneError(
+                f"{run_dir / c} was trained with another config than {run_dir / 'config.yaml'} "
+                f"({'; '.join(changes[:5])}); a run's folds share one config. Move that fold's folder out "
+                "of the run and retrain it (make train FOLDS=k); to ensemble runs on purpose, list their "
+                "checkpoints by hand in a manifest.yaml"
+            )
+
+
+def publish(cfg: Config, run_dir: Path, tuned: dict[str, Any]) -> Path:
+    """Write the ensemble description ``make submit`` reads (editable by hand) and the tuned values into
+    every listed ``best.pt``. Only checkpoints of the run's config are listed (:func:`check_members`)."""
+    ckpts = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("fold*/best.pt"))
+    check_members(cfg, run_dir, ckpts)
+    threshold = tuned["threshold"] if tuned["threshold"] is not None else cfg.infer.threshold
+    min_area = tuned["min_area"] if tuned["min_area"] is not None else cfg.infer.min_area
+    manifest = Manifest(
+        run_dir=run_dir,
+        checkpoints=tuple(ckpts),
+        infer=dataclasses.replace(cfg.infer, threshold=threshold, min_area=min_area),
+        classes=cfg.model.classes,
+        data_root=cfg.data.root,
+        oof={k: v for k, v in tuned.items() if k not in ("threshold", "min_area")},
+    )
+    path = write_manifest(manifest)
+    for c in ckpts:
+        set_postprocessing(run_dir / c, threshold, min_area)
+    return path
+
+
+TUNERS = {True: tune_binary, False: tune_multiclass}
+
+
+def tune_run(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
+    """Tune ``run_dir`` on ``source``'s training masks and write its manifest; returns the results
+    (with ``best``: the best validation score per fold, for :func:`format_table`)."""
+    tuned = TUNERS[cfg.model.classes == 1](cfg, source, run_dir)
+    publish(cfg, run_dir, tuned)
+    return {**tuned, "best": best_scores(run_dir, monitor_key(cfg)), "monitor": monitor_key(cfg)}
+
+
+def format_table(tuned: dict[str, Any]) -> str:
+    """The table ``make train`` and ``make tune`` end with: per fold and overall OOF scores."""
+    best = tuned.get("best", {})
+    if "oof_miou" in tuned:
+        return (
+            "fold  best val mIoU\n"
+            + "\n".join(f"{k:>4}  {v:13.4f}" for k, v in sorted(best.items()))
+            + f"\nout-of-fold ({tuned['n_oof']} images): mIoU {tuned['oof_miou']:.4f}, "
+            f"pixel accuracy {tuned['oof_pixel_accuracy']:.4f}"
+        )
+    lines = ["fold      n   val_dice(best)  oof_dice@0.5  oof_dice@tuned"]
+    for fold, row in sorted(tuned.get("per_fold", {}).items()):
+        b = f"{best[fold]:14.4f}" if fold in best else f"{'-':>14}"
+        lines.append(f"{fold:>4} {row['n']:>6} {b}  {row['dice@0.5']:12.4f}  {row['dice@tuned']:14.4f}")
+    lines.append(
+        f" all {tuned['n_oof']:>6} {'':>14}  {tuned['oof_dice@0.5']:12.4f}  {tuned['oof_dice']:14.4f}"
+    )
+    lines.append(f"threshold {tuned['threshold']:.2f}, min_area {tuned['min_area']}")
+    return "\n".join(lines)
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.train.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="", help="a run folder (default: the newest run in runs/)")
+    p.add_argument("--data", default="", help="data folder (default: the run's data.root)")
+    p.add_argument("overrides", nargs="*", help="infer.key=value, e.g. infer.thresholds=[0.4,0.5,0.6]")
+    a = p.parse_args(argv)
+    run_dir = Path(a.run) if a.run else latest_run()
+    not_infer = [o for o in a.overrides if not o.startswith("infer.")]
+    if not_infer:
+        raise ConfigError(f"make tune changes only infer.* settings, not {not_infer}; retrain for those")
+    if not (run_dir / "config.yaml").is_file():
+        raise TuneError(f"{run_dir / 'config.yaml'} not found: {run_dir} is not a trained run (make train)")
+    cfg = load_config(run_dir / "config.yaml", [*a.overrides, *([f"data.root={a.data}"] if a.data else [])])
+    with run_lock(run_dir):  # not while a make train of this run writes it
+        remove_stale_temps(run_dir)
+        tuned = tune_run(cfg, read_source(cfg.data, with_test=False), run_dir)
+    print(format_table(tuned))
+    print(f"manifest: {run_dir / 'manifest.yaml'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""pipeline.runs.manifest: manifest.yaml, one writer and one strict reader; hand edits out of range are named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from pipeline.core.config import ConfigError, InferConfig
+from pipeline.core.io import load_yaml, save_yaml
+from pipeline.runs.manifest import KEYS, Manifest, load_manifest, read_search, write_manifest, write_search
+
+# What make tune writes for a binary run (pipeline.train.tune.publish).
+VALID = {
+    "run": "r",
+    "data_root": "data/demo",
+    "checkpoints": ["fold0/best.pt", "fold1/best.pt"],
+    "tta": "flip",
+    "threshold": 0.45,
+    "min_area": 16,
+    "batch_size": 8,
+    "max_images": 32,
+    "tile_size": 512,
+    "overlap": 128,
+    "classes": 1,
+    "oof": {"oof_dice": 0.8},
+}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"checkpoints": []}, r"manifest.yaml: 'checkpoints' is empty; list at least one fold\*/best.pt"),
+        ({"tta": "d8"}, r"manifest.yaml: tta must be one of none, flip, d4, ms or d4_ms, not 'd8'"),
+        ({"threshold": "high"}, r"manifest.yaml: manifest.threshold: expected a number, got 'high'"),
+        ({"threshold": 2.0}, r"manifest.yaml: threshold must be between 0 and 1 \(exclusive\), not 2.0"),
+        ({"threshold": float("nan")}, r"threshold must be between 0 and 1 \(exclusive\), not nan"),
+        ({"min_area": -5}, r"manifest.yaml: min_area must be >= 0 pixels, not -5"),
+        ({"batch_size": 0}, r"manifest.yaml: batch_size must be >= 1, not 0; fix the value by hand"),
+        ({"overlap": 600}, r"manifest.yaml: tile_size must be >= 32 and 0 <= overlap < tile_size"),
+    ],
+)
+def test_hand_edited_manifest_errors(tmp_path, edit, message):
+    data = {**VALID, **edit}
+    save_yaml(tmp_path / "manifest.yaml", data)
+    with pytest.raises(ConfigError, match=message):
+        load_manifest(tmp_path / "manifest.yaml")
+
+
+def test_written_manifest_reads_back_equal(tmp_path):
+    infer = dataclasses.replace(InferConfig(), tta="d4", threshold=0.35, min_area=64, batch_size=8)
+    manifest = Manifest(tmp_path, ("fold0/best.pt", "fold1/best.pt"), infer, 1, "data/x", {"oof_dice": 0.8})
+    write_manifest(manifest)
+    assert load_manifest(tmp_path) == manifest
+    assert list(load_yaml(tmp_path / "manifest.yaml")) == list(KEYS)  # every key, in one order
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"min_aera": 16}, r"unknown key 'min_aera' \(did you mean 'min_area'\?\)"),
+        (
+            {"threshold": None},
+            r"key 'threshold' is missing: the run's value cannot be guessed; add e.g. 'threshold: 0.5'",
+        ),
+        ({"tta": None, "overlap": None}, r"key 'tta' is missing \(and overlap\)"),
+    ],
+)
+def test_unknown_and_missing_keys_are_errors_naming_the_key(tmp_path, edit, message):
+    data = {k: v for k, v in {**VALID, **edit}.items() if v is not None}
+    save_yaml(tmp_path / "manifest.yaml", data)
+    with pytest.raises(ConfigError, match=message):
+        load_manifest(tmp_path / "manifest.yaml")
+
+
+def test_search_table_round_trip(tmp_path):
+    assert read_search(tmp_path) is None
+    table = pd.DataFrame({"threshold": [0.3, 0.5], "min_area": [0, 16], "dice": [0.7, 0.75]})
+    write_search(tmp_path, table)
+    pd.testing.assert_frame_equal(read_search(tmp_path), table)
