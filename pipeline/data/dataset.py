@@ -130,9 +130,9 @@ def load_unlabelled(root: Path, image_dir: str, sample_csv: str) -> Split:
 
 
 def load_pseudo_labels(data: DataConfig, ignore_index: int | None) -> Split:
-    """The test tiles of ``data.pseudo_labels`` (``pipeline.infer.pseudo``'s .npz: ``names`` str [N], ``masks``
-    uint8 [N, H, W]: 1 building, 0 background, 255 uncertain), checked before any training. The images
-    come from the test folder as the sample submission lists it; the test truth CSV is never read."""
+    """The test tiles of ``data.pseudo_labels`` (``pipeline.infer.pseudo``'s .npz: ``names`` str [N],
+    ``masks`` uint8 [N, H, W]: 1 building, 0 background, 255 uncertain), checked before any training. The
+    images come from the test folder as the sample submission lists it; the test truth CSV is never read."""
     path, fix = Path(data.pseudo_labels), "remake it (make pseudo RUN=runs/<run>) or unset data.pseudo_labels"
     try:
         with np.load(path) as z:

@@ -1,9 +1,10 @@
 """Image files: read as uint8 RGB, listed, and inspected strictly for ``make check-data``.
 
 :func:`read_image` is the one reader of a tile. :func:`inspect_image` finds what would make a tile
-unusable or misleading: unreadable, truncated, an odd mode, a misleading extension. Every tile is decoded fully, once. JPEGs go through libjpeg-turbo (``simplejpeg``) with its warnings
-raised as errors: scan data cut short but still ending in an end-of-image marker makes libjpeg only
-warn and fill the rest grey, which PIL decodes without a word, and the tile would be trained on.
+unusable or misleading: unreadable, truncated, an odd mode, a misleading extension. Every tile is
+decoded fully, once. JPEGs go through libjpeg-turbo (``simplejpeg``) with its warnings raised as
+errors: scan data cut short but still ending in an end-of-image marker makes libjpeg only warn
+and fill the rest grey, which PIL decodes without a word, and the tile would be trained on.
 Cost, one core: 0.76 s for 1,000 generated 512x512 tiles (0.49 s at the 1/8-scale decode used
 before), so about 23 s for 30k tiles, extrapolated; 0.37 s for the 448 real tiles. The tile's size
 is returned, not judged: the expected size is the data set's (:mod:`pipeline.data.check`).
@@ -88,6 +89,7 @@ def check_listed_images(folder: Path, names: Sequence[str], csv_path: Path) -> N
             stacklevel=2,
         )
 
+
 # Every non-RGB mode that read_image converts, named for the warning.
 MODE_NAMES = {
     "1": "1-bit black and white",
@@ -136,7 +138,7 @@ def jpeg_has_eoi(path: Path) -> bool:
 
 
 def decode_problem(path: Path, im: Image.Image) -> str:
-    """"" if the whole image ``path`` (opened as ``im``) decodes cleanly, else what the decoder said.
+    """ "" if the whole image ``path`` (opened as ``im``) decodes cleanly, else what the decoder said.
 
     JPEG: libjpeg-turbo with warnings as errors ("Corrupt JPEG data: premature end of data segment"
     is a warning to libjpeg, which fills the missing blocks grey). Other formats: PIL's full decode.

@@ -74,8 +74,8 @@ class Source:
     class_names: list[str]
     colors: list[Color] = field(default_factory=list)
     ignore_index: int | None = None
-    # Teacher-labelled test tiles (data.pseudo_labels), read once per run by pipeline.train.trainer; every fold
-    # trains on them, none validates on them (pipeline.train.engine.fold_data).
+    # Teacher-labelled test tiles (data.pseudo_labels), read once per run by pipeline.train.trainer; every
+    # fold trains on them, none validates on them (pipeline.train.engine.fold_data).
     pseudo: Split | None = None
 
     @property

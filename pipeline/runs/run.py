@@ -110,7 +110,8 @@ def load_run(run_dir: str | Path) -> Run:
     metrics, names, fold_ids = {}, [], []
     for k in fold_dirs:
         metrics[k] = read_metrics(path / f"fold{k}")
-        oof = files.get(k) or _need(path / f"fold{k}/oof.npz", f"fold {k} has not finished: its OOF file is last")
+        last = f"fold {k} has not finished: its OOF file is last"
+        oof = files.get(k) or _need(path / f"fold{k}/oof.npz", last)
         n = oof_names(oof)
         wrong = [x for x in n if fold_of.get(x) != k]
         if wrong:

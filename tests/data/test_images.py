@@ -6,8 +6,10 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from pipeline.data import images
 from pipeline.data.images import inspect_image, jpeg_has_eoi
 
 
@@ -73,13 +75,6 @@ def test_every_clean_jpeg_kind_passes(tmp_path):
         assert check.size == (24, 40) and check.errors == [], name
 
 
-
-
-import pytest
-
-from pipeline.data import images
-
-
 def test_grayscale_and_rgba_are_converted(tmp_path):
     from PIL import Image
 
@@ -127,5 +122,3 @@ def test_every_mode_check_data_accepts_is_converted_by_read_image(tmp_path):
         if mode in images.HIGH_BIT_MODES:
             assert (rgb == 100).all(), f"{mode}: {np.unique(rgb)}"
     assert {"I", "I;16", "I;16B", "F", "L", "P", "RGBA", "CMYK"} <= set(written)
-
-
