@@ -27,8 +27,9 @@ DATA_ARG = $(if $(filter command line environment environment override,$(origin 
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-data folds train tune submit score validate check-data test test-all lint bench \
-        bench-accuracy bench-proxy bench-models bench-scale bench-footprints lab report predict predict-scene footprints \
-        weights pseudo clean
+        bench-accuracy bench-proxy bench-models bench-scale bench-footprints bench-scenes lab report predict predict-scene \
+        predict-scenes footprints bench-gpu gpu-prepare \
+        weights pseudo blend runs clean
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,10 +67,9 @@ tune: $(STAMP) ## re-tune a trained run's threshold/min-area on its OOF files, n
 
 # One process, or torchrun: on one machine (--standalone) or on NODES machines through torchrun's
 # static rendezvous at MASTER=host:port (node 0 holds global rank 0, which writes the run folder).
-LAUNCH = $(if $(and $(filter 1,$(GPUS)),$(filter 1,$(NODES))),$(PY),$(VENV)/bin/torchrun \
-  $(if $(filter 1,$(NODES)),--standalone,--nnodes=$(NODES) --node_rank=$(NODE_RANK) \
-  --master_addr=$(word 1,$(subst :, ,$(MASTER))) --master_port=$(word 2,$(subst :, ,$(MASTER)))) \
-  --nproc_per_node=$(GPUS))
+# pipeline.core.launch checks the four settings first, then becomes the command.
+LAUNCH = $(PY) -m pipeline.core.launch --gpus '$(GPUS)' --nodes '$(NODES)' --node-rank '$(NODE_RANK)' \
+  --master '$(MASTER)' --
 
 train: $(STAMP) ## train all folds (DATA= CONFIG= FOLDS=0,1 GPUS=N NODES=M NODE_RANK=k MASTER=host:port RESUME=0|1 FORCE=1 ARGS=)
 	$(LAUNCH) -m pipeline.train --config $(CONFIG) $(if $(FOLDS),--folds $(FOLDS)) \
@@ -84,6 +84,14 @@ submit: $(STAMP) ## predict the test tiles with the newest run (RUN= DATA= TTA=n
 	$(PY) -m pipeline.infer.submit $(if $(RUN),--run $(RUN)) $(DATA_ARG) \
 	  $(if $(TTA),--tta $(TTA))
 
+# Blending (pipeline.infer.blend): runs on the same folds, weights and threshold chosen on their OOF files;
+# runs/<NAME> is then a run for make submit, predict-scene and report.
+blend: $(STAMP) ## blend runs on their OOF predictions into runs/<NAME> (RUNS=runs/a,runs/b NAME= DATA= ARGS="--steps 5 infer.thresholds=[..]")
+	$(PY) -m pipeline.infer.blend $(if $(RUNS),--runs $(RUNS)) $(if $(NAME),--name $(NAME)) $(DATA_ARG) $(ARGS)
+
+runs: $(STAMP) ## the runs in runs/ as one table from their manifests: model, OOF Dice, threshold, submissions, age
+	$(PY) -m pipeline.report.runs
+
 validate: $(STAMP) ## check a submission (SUBMISSION=, default the newest; DATA=: its sample and tile size)
 	$(PY) -m pipeline.infer.validate $(SUBMISSION) --sample $(DATA)/test_a_samplesubmit.csv
 
@@ -94,12 +102,17 @@ predict: $(STAMP) ## class-id PNGs (+ metrics.json with truth) for a run's test 
 score: $(STAMP) ## metrics of the newest submission (SUBMISSION=), of PNGs (PRED=dir DATA= LAYOUT=) or of FOOTPRINTS=x.gpkg TRUTH=
 	$(if $(PRED),$(PY) -m pipeline.infer.score --pred-dir $(PRED) --data $(DATA) --layout $(LAYOUT) \
 	  $(if $(COLORMAP),--colormap $(COLORMAP)),$(if $(FOOTPRINTS),$(PY) -m pipeline.infer.score --footprints $(FOOTPRINTS) \
-	  --truth $(TRUTH),$(PY) -m pipeline.infer.score $(SUBMISSION) --truth $(DATA)/test_a_mask.csv))
+	  --truth $(TRUTH),$(PY) -m pipeline.infer.score $(SUBMISSION) $(if $(DATA_ARG),--truth $(DATA)/test_a_mask.csv)))
 
 predict-scene: $(STAMP) ## sliding-window prediction of a large scene (SCENE=big.tif OUT=mask.tif RUN=runs/x)
 	$(PY) -m pipeline.infer.scenes --run $(RUN) --scene $(SCENE) --out $(OUT)
 
-footprints: $(STAMP) ## building polygons (MASK=mask.tif, or SCENE=big.tif RUN=runs/x; OUT=buildings.gpkg|.geojson|.fgb)
+# Many scenes on every rank of a torchrun job (LAUNCH, as make train); rerun the same command to finish.
+predict-scenes: $(STAMP) ## every scene of an area, resumable, one footprints file (SCENES=dir|'glob' OUT=dir RUN= GPUS= NODES= NODE_RANK= MASTER= FORCE=1 ARGS=)
+	$(LAUNCH) -m pipeline.infer.area --scenes '$(SCENES)' --out $(OUT) $(if $(RUN),--run-dir $(RUN)) \
+	  $(if $(filter 1,$(FORCE)),--force) $(ARGS)
+
+footprints: $(STAMP) ## building polygons (MASK=mask.tif, or SCENE=big.tif RUN=runs/x; OUT=buildings.gpkg|.geojson|.fgb|.parquet)
 	$(PY) -m pipeline.infer.footprints $(if $(MASK),--mask $(MASK),--scene $(SCENE) $(if $(RUN),--run $(RUN))) \
 	  --out $(or $(OUT),buildings.gpkg) $(ARGS)
 
@@ -127,8 +140,10 @@ bench: $(STAMP) ## CPU benchmarks -> bench/results/*.json (RLE codec; tiny-size 
 	$(PY) -m bench.models --tiny
 
 RECIPES ?= default
-bench-proxy: $(STAMP) ## CPU proxy of accuracy: recipes on the real tiles at 128 px, 2 seeds (RECIPES="default swa" PLAIN=1)
-	$(PY) -m bench.proxy $(foreach r,$(RECIPES),--recipe $(r)) $(if $(filter 1,$(PLAIN)),--plain)
+bench-proxy: $(STAMP) ## CPU proxy of accuracy: recipes on the real tiles at 128 px (RECIPES="default swa" PLAIN=1 BLEND=1 SEEDS="0 1")
+	$(PY) -m bench.proxy $(foreach r,$(RECIPES),--recipe $(r)) $(if $(filter 1,$(PLAIN)),--plain) \
+	  $(if $(filter 1,$(BLEND)),--blend) \
+	  $(if $(SEEDS),--seeds $(SEEDS))
 
 bench-models: $(STAMP) ## every architecture: parameters, GPU train/infer img/s at 512 bf16 (--tiny on CPU)
 	$(PY) -m bench.models $(if $(shell $(PY) -c "import torch;print(torch.cuda.is_available() or '')"),,--tiny)
@@ -136,11 +151,21 @@ bench-models: $(STAMP) ## every architecture: parameters, GPU train/infer img/s 
 bench-accuracy: $(STAMP) ## GPU: default recipe on ../shared/data/buildings-real -> bench/results/accuracy.json
 	$(PY) -m bench.accuracy --data $(if $(DATA_ARG),$(DATA),../shared/data/buildings-real)
 
-bench-footprints: $(STAMP) ## vectorise a generated 10,000^2 mask (~20,000 buildings) -> bench/results/footprints.json
+bench-footprints: $(STAMP) ## vectorise a generated 10,000^2 mask; none/rectangle/full on the real masks -> bench/results/footprints.json
 	$(PY) -m bench.footprints
+
+bench-scenes: $(STAMP) ## 8 scenes of real tiles: one process vs two gloo "nodes", kill + resume -> bench/results/scenes.json
+	$(PY) -m bench.scenes $(ARGS)
 
 bench-scale: $(STAMP) ## CPU stages at 1k..30k generated 512 px tiles -> bench/results/scale.json (long: ~1 h)
 	$(PY) -m bench.scale $(ARGS)
+
+# The one GPU check, sized to a 15-minute device lease (README: Scale): at most 8 minutes on one H100/H200.
+gpu-prepare: ## wheels (.whl/) and real tiles (.gpu/) an offline GPU machine needs, checked against 64 MiB
+	bash bench/gpu-prepare.sh $(if $(DATA_ARG),$(DATA))
+
+bench-gpu: ## every GPU figure the README leaves to be measured -> $OUT/gpu.json (ARGS="--tiny" on CPU)
+	$(if $(wildcard $(PY)),PY=$(PY)) bash bench/gpu.sh $(ARGS)
 
 clean: ## remove runs, caches and generated demo data (keeps .venv)
 	rm -rf runs data/demo .cache .pytest_cache

@@ -1,13 +1,14 @@
 """Accuracy of a recipe on the real tiles: k-fold OOF Dice, then test_a Dice of four ensembles.
 
     python -m bench.accuracy                                  # GPU: configs/default.yaml on the real data
-    python -m bench.accuracy --config configs/baseline-fcn.yaml --recipe baseline-fcn
+    python -m bench.accuracy --config configs/unet-vgg16.yaml --recipe unet-vgg16
     python -m bench.accuracy --tiny                           # CPU check on generated tiles (no real figure)
 
 Trains every fold (choose recipes on OOF Dice), then predicts ``test_a`` once per variant:
 single fold without TTA, single fold with D4, all folds without TTA, all folds with D4, and scores
 each against ``test_a_mask.csv``. Appends (or replaces) the recipe's row in
-``bench/results/accuracy.json`` with the device named and the GPU minutes used.
+``bench/results/accuracy.json`` with the device named, the minutes used and every override applied
+(``model.encoder_weights=null`` included: the rows are from scratch unless an override says otherwise).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import RESULTS, device_info, real_data_dir, tiny_data, write_result
+from bench.common import RESULTS, device_info, peak_gib, real_data_dir, reset_peak, tiny_data, write_result
 from pipeline.core.config import load_config, run_name
 from pipeline.core.device import pick_device
 from pipeline.infer.submit import make_submission
@@ -30,19 +31,29 @@ from pipeline.train import trainer
 VARIANTS = [("fold0", "none"), ("fold0", "d4"), ("all", "none"), ("all", "d4")]
 
 
-def evaluate_recipe(cfg, out_dir: Path, device: str = "auto") -> dict:
+def evaluate_recipe(
+    cfg,
+    out_dir: Path,
+    device: str = "auto",
+    folds: list[int] | None = None,
+    variants: list[tuple[str, str]] = VARIANTS,
+) -> dict:
+    """Train ``folds`` (all by default) of ``cfg``, tune, and score ``variants`` ((fold0 | all, TTA set)) of
+    the ensemble on test_a; minutes, peak GPU memory and the device go into the row."""
+    dev = pick_device(device)
+    reset_peak(dev)
     t0 = time.time()
-    run_dir = trainer.run(cfg)
+    run_dir = trainer.run(cfg, folds)
     train_min = (time.time() - t0) / 60
     manifest = load_manifest(run_dir)
     rows = {}
     t1 = time.time()
-    for folds, tta in VARIANTS:
-        ckpts = manifest.checkpoints[:1] if folds == "fold0" else manifest.checkpoints
+    for which, tta in variants:
+        ckpts = manifest.checkpoints[:1] if which == "fold0" else manifest.checkpoints
         infer = dataclasses.replace(manifest.infer, tta=tta)
         m = dataclasses.replace(manifest, checkpoints=ckpts, infer=infer)
         res = make_submission(m, cfg.data, out_dir, tta, device, num_workers=cfg.data.num_workers)
-        rows[f"{folds}/{tta}"] = round(res.score["dice"], 4) if res.score else None
+        rows[f"{which}/{tta}"] = round(res.score["dice"], 4) if res.score else None
     submit_min = (time.time() - t1) / 60
     return {
         "recipe": run_name(cfg),
@@ -51,9 +62,11 @@ def evaluate_recipe(cfg, out_dir: Path, device: str = "auto") -> dict:
         "threshold": manifest.infer.threshold,
         "min_area": manifest.infer.min_area,
         "test_a_dice": rows,
+        "epochs": cfg.train.epochs,
         "train_minutes": round(train_min, 2),
-        "submit_minutes_4_variants": round(submit_min, 2),
-        **device_info(pick_device(device)),
+        "submit_minutes": round(submit_min, 2),
+        "peak_gpu_mem_gib": peak_gib(dev),
+        **device_info(dev),
     }
 
 
@@ -83,11 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             root, over, out_name = a.data or real_data_dir(), [], a.out
         name = [f"name={a.recipe}"] if a.recipe else []
         # Random init unless an override says otherwise: the recorded rows were measured that way.
-        base = [f"data.root={root}", "model.encoder_weights=null"]
-        cfg = load_config(a.config, [*base, *over, *name, *a.overrides])
+        overrides = [f"data.root={root}", "model.encoder_weights=null", *over, *name, *a.overrides]
+        cfg = load_config(a.config, overrides)
         row = evaluate_recipe(cfg, Path(tmp) / "subs", cfg.train.device)
     row["config"] = a.config
-    row["overrides"] = list(a.overrides)
+    row["overrides"] = overrides  # every one applied, the forced ones too
     path = RESULTS / out_name
     table = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     table["rows"] = [r for r in table["rows"] if r["recipe"] != row["recipe"]] + [row]

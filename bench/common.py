@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -22,19 +23,42 @@ def real_data_dir() -> Path:
     return Path(os.environ.get("BUILDSEG_REAL_DATA", ROOT.parent / "shared" / "data" / "buildings-real"))
 
 
+def cpu_name() -> str:
+    """The processor's model name as the kernel reports it (``platform.processor()`` is often empty)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
+    """The machine a figure was measured on, as detected (never a hard-coded tag): ``gpu`` is the CUDA
+    device's name (None on CPU), ``gpu_memory_gib`` its memory; ``cpu`` the processor's name."""
     info: dict[str, Any] = {
         "device": str(device),
         "torch": torch.__version__,
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "gpu": None,
     }
     if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
         info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["gpu"] = None
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """Peak GPU memory allocated since :func:`reset_peak`, GiB (None on CPU)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:
@@ -56,20 +80,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def before(deadline: float | None) -> bool:
+    """Whether ``time.monotonic()`` is still before ``deadline`` (None: no deadline)."""
+    return deadline is None or time.monotonic() < deadline
+
+
+def timed_loop(run: Any, steps: int, deadline: float | None, device: torch.device) -> tuple[int, float]:
+    """Call ``run()`` up to ``steps`` times, stopping early at ``deadline`` (checked between calls; no sync
+    per call, which would serialise the host and the GPU: the queue runs a few calls past it at most);
+    returns (calls made, seconds, synchronised)."""
+    done, t0 = 0, time.perf_counter()
+    while done < steps and (done == 0 or before(deadline)):
+        run()
+        done += 1
+    sync(device)
+    return done, time.perf_counter() - t0
+
+
 def time_resident_steps(
-    step: Any, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
-) -> tuple[float, Any]:
-    """Images/s of ``step(x, y, lr)`` on a batch already on the device, and peak GPU GiB (None on CPU)."""
+    step: Any, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, deadline: float | None = None
+) -> tuple[float, Any, int]:
+    """Images/s of ``step(x, y, lr)`` on a batch already on the device, peak GPU GiB (None on CPU) and the
+    steps timed (fewer than ``steps`` when ``deadline`` came first; the warm-up always runs)."""
     device = x.device
     for _ in range(warmup):
         step(x, y, 1e-4)
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(x, y, 1e-4)
-    sync(device)
-    img_s = steps * x.shape[0] / (time.perf_counter() - t0)
-    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-    return img_s, peak
+    reset_peak(device)
+    done, seconds = timed_loop(lambda: step(x, y, 1e-4), steps, deadline, device)
+    return done * x.shape[0] / seconds, peak_gib(device), done

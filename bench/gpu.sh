@@ -1,30 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README, for a machine with a CUDA GPU (e.g. the lent H100).
-#   bash bench/gpu.sh [speed|accuracy|baseline|all]     # results -> bench/results/*.json (and $OUT if set)
-# The lent device runs at most 10 minutes per command: call the stages one by one there.
-# On an offline GPU host without smp/albumentations/ttach, first put their wheels in .whl/
-# (../shared/tools/gpu-wheels.sh) and the real data in .gpu/buildings-real (both git-ignored).
+# The one GPU check (bench/gpu.py) on an offline GPU machine: install the carried wheels, then run it.
+#   bash bench/gpu.sh [--budget 480] [--parts train_speed,accuracy_short]   # results -> $OUT/gpu.json
+#   bash bench/gpu.sh --tiny                                                # the same code on CPU
+# Prepare what it carries first, here: bash bench/gpu-prepare.sh (wheels in .whl/, tiles in .gpu/).
 set -euo pipefail
+# The budget (--budget, default 480 s) counts from here, the wheels' install included.
+export BUILDSEG_GPU_START=${BUILDSEG_GPU_START:-$(date +%s.%N)}
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+PY=${PY:-python3}
+# The carried wheels (Python 3.12) only where the packages are missing: the GPU image lacks them, a machine
+# with a buildseg environment (the test suite's --tiny run) has them and may be another Python.
+if compgen -G ".whl/*.whl" >/dev/null && ! $PY -c "import segmentation_models_pytorch, albumentations, simplejpeg" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
-PY=${PY:-python3}
-DATA=${BUILDSEG_REAL_DATA:-$( [ -d .gpu/buildings-real ] && echo .gpu/buildings-real || echo ../shared/data/buildings-real )}
-export BUILDSEG_REAL_DATA=$DATA BUILDSEG_CACHE=/tmp/buildseg-cache
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-stage=${1:-all}
-if [[ $stage == speed || $stage == all ]]; then
-  $PY -m bench.train_throughput --data "$DATA" --tag h100 train.compile=true data.num_workers=12
-  $PY -m bench.infer_throughput --data "$DATA" --tag h100 --workers 12
-  $PY -m bench.models --tag h100
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-if [[ $stage == accuracy || $stage == all ]]; then
-  $PY -m bench.accuracy --data "$DATA" train.runs_dir=/tmp/runs
-fi
-if [[ $stage == baseline || $stage == all ]]; then
-  $PY -m bench.accuracy --data "$DATA" --config configs/baseline-fcn.yaml train.runs_dir=/tmp/runs
-fi
-if [ -n "${OUT:-}" ]; then cp bench/results/*.json "$OUT"/; fi
+exec $PY -m bench.gpu --out "${OUT:-bench/results}" "$@"

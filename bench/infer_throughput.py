@@ -7,7 +7,9 @@
 device -> small-component removal + RLE encode in a thread pool (``submit.predict_and_encode``);
 (b) bare: the same models, batch, precision and number of forward passes on a batch already on the
 device. Both in one run. Goal: (a) >= 0.85 x (b). The fold models are randomly initialised
-(speed does not depend on the weights) and go through real checkpoints and a manifest.
+(speed does not depend on the weights) and go through real checkpoints and a manifest. Precision is the
+config's ``train.amp`` (what ``make submit`` uses). With a deadline (``bench.gpu``) (b) stops early and
+(a) predicts as many tiles as fit in the time left at (b)'s rate.
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_info, real_data_dir, sync, tiny_data, write_result
+from bench.common import (
+    before,
+    device_info,
+    peak_gib,
+    real_data_dir,
+    reset_peak,
+    sync,
+    timed_loop,
+    tiny_data,
+    write_result,
+)
 from pipeline.core.config import load_config, to_dict
-from pipeline.core.device import pick_device
+from pipeline.core.device import pick_device, resolve_amp
 from pipeline.core.tta import TTA_SETS
 from pipeline.data.dataset import IMAGE, SegDataset, Split
 from pipeline.data.layouts import read_source
@@ -49,8 +61,19 @@ def make_run(cfg, run_dir: Path, folds: int, tta: str, batch_size: int) -> Path:
     return write_manifest(Manifest(run_dir, tuple(ckpts), infer, data_root=cfg.data.root))
 
 
-def measure(cfg, folds: int, tta: str, batch_size: int, workers: int, repeats: int, device_spec: str) -> dict:
+def measure(
+    cfg,
+    folds: int,
+    tta: str,
+    batch_size: int,
+    workers: int,
+    repeats: int,
+    device_spec: str,
+    deadline: float | None = None,
+) -> dict:
+    t_start = time.monotonic()
     device = pick_device(device_spec)
+    amp = cfg.train.amp
     torch.backends.cudnn.benchmark = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         manifest = load_manifest(make_run(cfg, Path(tmp) / "run", folds, tta, batch_size))
@@ -63,20 +86,23 @@ def measure(cfg, folds: int, tta: str, batch_size: int, workers: int, repeats: i
     x = next(iter(torch.utils.data.DataLoader(SegDataset(split), batch_size=batch_size)))[IMAGE].to(device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    predict_batch(models, x, tta)
+    predict_batch(models, x, tta, amp=amp)
     sync(device)
+    reset_peak(device)
 
-    # (b) bare forward passes on a resident batch: n / batch_size batches worth.
+    # (b) bare forward passes on a resident batch: n / batch_size batches worth (half the time left).
     n_batches = -(-n // batch_size)
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        predict_batch(models, x, tta)
-    sync(device)
-    bare = n_batches * batch_size / (time.perf_counter() - t0)
+    half = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / 2
+    done, seconds = timed_loop(lambda: predict_batch(models, x, tta, amp=amp), n_batches, half, device)
+    bare = done * batch_size / seconds
 
-    # (a) end to end.
+    # (a) end to end, on as many tiles as fit in the time left at the bare rate (all of them if no deadline).
+    if deadline is not None:
+        fit = int(0.8 * bare * max(0.0, deadline - time.monotonic()))
+        n = max(batch_size, min(n, fit - fit % batch_size))
+        split = Split(split.names[:n], split.image_paths[:n], None)
     t0 = time.perf_counter()
-    rows = predict_and_encode(models, split, tta, 0.5, 16, device, batch_size, workers)
+    rows = predict_and_encode(models, split, tta, 0.5, 16, device, batch_size, workers, amp=amp)
     sync(device)
     e2e = n / (time.perf_counter() - t0)
     assert len(rows) == n
@@ -89,11 +115,15 @@ def measure(cfg, folds: int, tta: str, batch_size: int, workers: int, repeats: i
         "image_size": int(x.shape[-1]),
         "batch_size": batch_size,
         "num_workers": workers,
-        "precision": "bf16" if device.type == "cuda" else "fp32 (cpu)",
+        "precision": resolve_amp(device, amp),
         "images": n,
+        "bare_batches_timed": done,
+        "stopped_at_deadline": done < n_batches or not before(deadline),
+        "seconds": round(time.monotonic() - t_start, 1),
         "end_to_end_img_s": round(e2e, 2),
         "bare_forward_img_s": round(bare, 2),
         "ratio": round(e2e / bare, 3),
+        "peak_gpu_mem_gib": peak_gib(device),
         **device_info(device),
     }
 
@@ -114,15 +144,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if a.tiny:
-            root = tiny_data(Path(tmp))
-            over = [f"data.root={root}", "model.encoder=resnet18", NO_DOWNLOAD]
-            cfg = load_config(a.config, [*over, *a.overrides])
-            result = measure(cfg, 2, "flip", 4, 1, 1, "cpu")
+            overrides = [
+                f"data.root={tiny_data(Path(tmp))}",
+                "model.encoder=resnet18",
+                NO_DOWNLOAD,
+                *a.overrides,
+            ]
+            result = measure(load_config(a.config, overrides), 2, "flip", 4, 1, 1, "cpu")
             tag = a.tag or "cpu-tiny"
         else:
-            cfg = load_config(a.config, [f"data.root={a.data or real_data_dir()}", NO_DOWNLOAD, *a.overrides])
+            overrides = [f"data.root={a.data or real_data_dir()}", NO_DOWNLOAD, *a.overrides]
+            cfg = load_config(a.config, overrides)
             result = measure(cfg, a.folds, a.tta, a.batch_size, a.workers, a.repeats, a.device)
             tag = a.tag
+    result.update(config=a.config, overrides=overrides)
     result["goal"] = {"ratio": 0.85}
     if result["gpu"] is None:
         result["note"] = "CPU check of the benchmark script only; the GPU figure is still to be measured"

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bench.common import device_info, sync, time_resident_steps, write_result
+from bench.common import before, device_info, sync, time_resident_steps, timed_loop, write_result
 from pipeline.core.config import load_config
 from pipeline.core.device import Dist, pick_device
 from pipeline.infer.ensemble import predict_batch
@@ -41,9 +41,16 @@ MODELS: list[tuple[str, list[str]]] = [
 
 
 def measure(
-    overrides: Sequence[str], size: int, train_bs: int, infer_bs: int, steps: int, warmup: int
+    overrides: Sequence[str],
+    size: int,
+    train_bs: int,
+    infer_bs: int,
+    steps: int,
+    warmup: int,
+    deadline: float | None = None,
 ) -> dict:
-    """One model: parameters, train img/s, inference img/s, peak GPU memory (GiB) of the train step."""
+    """One model: parameters, train img/s, inference img/s, peak GPU memory (GiB) of the train step; with
+    ``deadline`` each half of the timing stops early (its steps timed are recorded)."""
     cfg = load_config(None, list(overrides))
     device = pick_device(cfg.train.device, Dist())
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -51,6 +58,7 @@ def measure(
     step = build_training(cfg, device, pretrained=False)  # exactly the training step of make train
     model = step.model
     row = {
+        "overrides": list(overrides),
         "arch": cfg.model.arch,
         "encoder": cfg.model.encoder,
         "classes": cfg.model.classes,
@@ -63,8 +71,10 @@ def measure(
     y = torch.randint(0, k, (train_bs, size, size), dtype=torch.uint8, device=device)
 
     model.train()
-    img_s, peak = time_resident_steps(step, x, y, steps, warmup)
+    half = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / 2
+    img_s, peak, done = time_resident_steps(step, x, y, steps, warmup, half)
     row["train_img_s"] = round(img_s, 2)
+    row["train_steps_timed"] = done
     row["peak_gpu_mem_gib"] = peak
     step.check_finite(0, 0)
 
@@ -73,15 +83,57 @@ def measure(
     xi = torch.randint(0, 256, (infer_bs, 3, size, size), dtype=torch.uint8, device=device)
     if device.type == "cuda":
         xi = xi.contiguous(memory_format=torch.channels_last)
+    amp = cfg.train.amp
+
+    def forward() -> None:
+        predict_batch([model], xi, "none", cfg.model.classes, amp=amp)
+
     for _ in range(warmup):
-        predict_batch([model], xi, "none", cfg.model.classes)
+        forward()
     sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        predict_batch([model], xi, "none", cfg.model.classes)
-    sync(device)
-    row["infer_img_s"] = round(steps * infer_bs / (time.perf_counter() - t0), 2)
+    done, seconds = timed_loop(forward, steps, deadline, device)
+    row["infer_img_s"] = round(done * infer_bs / seconds, 2)
+    row["infer_batches_timed"] = done
     return row
+
+
+def measure_all(
+    base: Sequence[str],
+    size: int,
+    bs: int,
+    steps: int,
+    warmup: int,
+    wanted: Sequence[str] = (),
+    deadline: float | None = None,
+    tail: Sequence[str] = (),
+) -> list[dict]:
+    """:func:`measure` of every model of :data:`MODELS` whose label holds one of ``wanted`` (all if
+    empty), with the overrides ``base``, the model's own, then ``tail``; with ``deadline`` each model gets
+    an equal share of the time left, and the models it leaves no time for are listed as skipped."""
+    todo = [(label, over) for label, over in MODELS if not wanted or any(w in label.lower() for w in wanted)]
+    rows = []
+    for i, (label, over) in enumerate(todo):
+        share = (
+            None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / (len(todo) - i)
+        )
+        if not before(deadline):
+            rows.append({"model": label, "skipped": "no time left before the deadline"})
+            continue
+        try:
+            row = {"model": label, **measure([*base, *over, *tail], size, bs, 2 * bs, steps, warmup, share)}
+        except torch.cuda.OutOfMemoryError:
+            row = {"model": label, "error": f"CUDA out of memory at batch {bs}; use --batch-size {bs // 2}"}
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(
+            f"{label:<30} {row.get('parameters', 0) / 1e6:7.1f} M params  train {row.get('train_img_s')} im/s"
+            f"  infer {row.get('infer_img_s')} im/s  peak {row.get('peak_gpu_mem_gib')} GiB",
+            flush=True,
+        )
+    return rows
+
+
+GPU_BASE = ["train.device=cuda", "train.amp=bf16", "train.channels_last=true"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,24 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not torch.cuda.is_available():
             p.error("no CUDA GPU: these are GPU figures; --tiny checks the script on CPU")
         size, bs, steps, warmup, tag = a.size, a.batch_size, a.steps, a.warmup, a.tag
-        base = ["train.device=cuda", "train.amp=bf16", "train.channels_last=true"]
+        base = list(GPU_BASE)
     base += [f"model.classes={a.classes}", "model.encoder_weights=null"]
     wanted = [s.strip().lower() for s in a.only.split(",") if s.strip()]
-    rows = []
-    for label, over in MODELS:
-        if wanted and not any(w in label.lower() for w in wanted):
-            continue
-        try:
-            row = {"model": label, **measure([*base, *over], size, bs, 2 * bs, steps, warmup)}
-        except torch.cuda.OutOfMemoryError:
-            row = {"model": label, "error": f"CUDA out of memory at batch {bs}; use --batch-size {bs // 2}"}
-            torch.cuda.empty_cache()
-        rows.append(row)
-        print(
-            f"{label:<30} {row.get('parameters', 0) / 1e6:7.1f} M params  train {row.get('train_img_s')} im/s"
-            f"  infer {row.get('infer_img_s')} im/s  peak {row.get('peak_gpu_mem_gib')} GiB",
-            flush=True,
-        )
+    rows = measure_all(base, size, bs, steps, warmup, wanted)
     device = torch.device("cuda" if not a.tiny else "cpu")
     result = {
         "image_size": size,
@@ -129,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "channels_last": device.type == "cuda",
         "steps": steps,
         "warmup_steps": warmup,
+        "overrides": base,  # every model's own are in its row
         "models": rows,
         **device_info(device),
     }

@@ -262,27 +262,6 @@ def column_agreement(rles: list[str], results: dict[str, np.ndarray]) -> dict[st
     return {"all_agree": not any(differ.values()), "rows_that_differ": differ}
 
 
-def notes(profile: dict[str, float], column: dict[str, Any], runs_mean: float) -> list[str]:
-    """Why the numbers are what they are, from the stage profiles."""
-    p = profile
-    return [
-        f"decode on the median mask: {p['decode.text_to_ints']} us of {p['decode.total']} us turn the text "
-        "into integers (one byte gather + SWAR digit arithmetic, ~15 numpy calls), "
-        f"{p['decode.paint_np_repeat']} us paint the 262,144 pixels with np.repeat; the baseline spends "
-        f"most of its time in str -> int conversion and a Python loop over ~{runs_mean:.0f} runs. Our "
-        "stages are close to the fixed cost of ~1 us per numpy call on arrays this small.",
-        f"decode of the column ({column['decoder']}): {column['ours_us_per_mask']} us per mask, parsing the "
-        "digits and filling runs in place in one compiled pass (pipeline.data.rle._paint_rows); numpy alone "
-        "needs ~30 calls per row and a per-run np.repeat, which capped the column at ~9x (measured before "
-        "the compiled pass, on the same data).",
-        f"encode on the median mask: {p['encode.find_run_edges']} us to find run edges in a C-ordered mask "
-        f"(no transposed copy), {p['encode.ints_to_text']} us to write the numbers as text (SWAR, no Python "
-        "loop); the baseline's str() of every numpy integer dominates its time.",
-        "Per-mask times are best-of-N within full passes over all masks (cold caches, fresh allocations), "
-        "so they are higher than the stage profile, which repeats one mask.",
-    ]
-
-
 def run(data: Path, repeat: int = 7) -> dict[str, Any]:
     """Time both codecs on every mask of ``data``; the result dict that ``main`` writes as JSON."""
     names, rles, source = load_masks(data)
@@ -364,7 +343,6 @@ def run(data: Path, repeat: int = 7) -> dict[str, Any]:
         "encode": encode,
         "agreement": agreement,
         "stage_profile_us_median_mask": profile,
-        "notes": notes(profile, column, float(np.mean(n_runs))),
         "per_mask_us": [
             {
                 "name": n,

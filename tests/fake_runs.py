@@ -164,3 +164,46 @@ def write_submission(path: Path, data_root: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{n}\t{rle.encode(m)}\n" for n, m in zip(test.names, masks)))
     return path
+
+
+# ----------------------------------------------------------------------------- runs to blend
+
+
+def tile_data(root: Path, masks: np.ndarray, names: list[str]) -> Path:
+    """The competition layout at ``root``: flat grey JPEG tiles ``names`` and ``train_mask.csv`` of
+    ``masks`` uint8 [N, H, W] (0/1), for stages that score OOF maps against truth (make blend)."""
+    from pipeline.data.maskcsv import format_csv
+
+    (root / "train").mkdir(parents=True)
+    for name, mask in zip(names, masks):
+        Image.fromarray(np.full((*mask.shape, 3), 99, np.uint8)).save(root / "train" / name)
+    (root / "train_mask.csv").write_text(format_csv((n, rle.encode(m)) for n, m in zip(names, masks)))
+    return root
+
+
+def oof_run(
+    path: Path,
+    data: Path,
+    names: list[str],
+    folds: list[int],
+    probs: np.ndarray,
+    tta: str = "flip",
+    oof_dice: float = 0.5,
+    **config: object,
+) -> Path:
+    """A finished binary run over ``data`` in make train's layout (no checkpoints) whose OOF maps are
+    ``probs`` uint8 [N, H, W], tile i in fold ``folds[i]``; ``config``: Config fields (e.g. model=...)."""
+    path.mkdir(parents=True)
+    cfg = Config(name=path.name, data=DataConfig(root=str(data)), **config)  # type: ignore[arg-type]
+    save_config(cfg, path / "config.yaml")
+    save_folds(path / "folds.csv", pd.DataFrame({"name": names, "fold": folds}))
+    for k in sorted(set(folds)):
+        (path / f"fold{k}").mkdir()
+        write_metrics(path / f"fold{k}", metrics_frame(k).to_dict("records"))
+        idx = [i for i, f in enumerate(folds) if f == k]
+        write_oof(path / f"fold{k}", [names[i] for i in idx], probs[idx])
+    write_search(path, pd.DataFrame({"threshold": [0.5], "min_area": [0], "dice": [oof_dice]}))
+    infer = dataclasses.replace(InferConfig(), tta=tta)
+    ckpts = tuple(f"fold{k}/best.pt" for k in sorted(set(folds)))
+    write_manifest(Manifest(path, ckpts, infer, 1, str(data), {"oof_dice": oof_dice}))
+    return path

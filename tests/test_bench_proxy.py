@@ -81,5 +81,34 @@ def test_summary_reports_extra_tta_sets_only_when_every_seed_has_them():
 
 def test_markdown_table_marks_gains_within_the_noise():
     table = proxy.markdown(proxy.summarise(TWO_RECIPES)).splitlines()
-    assert table[2].startswith("| default | configs/default.yaml at CPU scale | 2 | 0.420 ± 0.040 |")
-    assert "| 0.510 ± 0.020 (+0.090) | 0.520 ± 0.060 (+0.030, noise) | 0.590 ± 0.020 (+0.080) |" in table[3]
+    assert table[2].startswith("| default | configs/default.yaml at CPU scale | 2 | — | 0.420 ± 0.040 |")
+    assert (
+        "| 0.510 ± 0.020 (+0.090) | — | — | — | 0.520 ± 0.060 (+0.030, noise) | 0.590 ± 0.020 (+0.080) |"
+        in table[3]
+    )
+
+
+def test_the_plain_loop_is_shown_at_0_5_only_and_its_epoch_selection_is_marked():
+    """Its best-epoch validation Dice is not a tuned OOF Dice: it goes to the @0.5 column, marked."""
+    plain = [
+        {
+            "recipe": "plain",
+            "seed": s,
+            "oof_dice@0.5": o,
+            "oof_dice": None,
+            "test_a_dice": None,
+            "test_a_dice@0.5": {"none": n, "d4": d},
+        }
+        for s, o, n, d in ((0, 0.42, 0.45, 0.46), (1, 0.43, 0.46, 0.43))
+    ]
+    default = [
+        {**r, "oof_dice@0.5": 0.44 + 0.01 * r["seed"], "test_a_dice@0.5": {"none": 0.45, "d4": 0.46}}
+        for r in TWO_RECIPES[:2]
+    ]
+    by = {e["recipe"]: e for e in proxy.summarise([*default, *plain])}
+    assert "oof_dice" not in by["plain"] and "test_a_dice/none" not in by["plain"]
+    assert by["plain"]["test_a_dice@0.5/none"]["gain"] == pytest.approx(
+        0.005
+    )  # compared at equal post-processing
+    row = next(r for r in proxy.markdown(list(by.values())).splitlines() if r.startswith("| plain"))
+    assert "0.425 ± 0.010 (-0.020) † | — |" in row

@@ -113,3 +113,15 @@ def test_no_source_file_is_ignored_by_git():
     ]
     out = subprocess.run(["git", "check-ignore", *files], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.split() == []
+
+
+def test_every_test_the_readme_names_exists():
+    """The "What happens when…" table names the test behind each promise: the names must stay true."""
+    text = (ROOT / "README.md").read_text()
+    missing = []
+    for path, name in set(re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", text)):
+        if not (ROOT / path).is_file():
+            missing.append(path)
+        elif name and not re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M):
+            missing.append(f"{path}::{name}")
+    assert sorted(missing) == []

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import BuildsegError
-from pipeline.core.io import atomic_write_text
+from pipeline.core.io import atomic_write_text, yaml_problem
 from pipeline.core.schedule import SCHEDULES
 
 
@@ -38,8 +38,7 @@ class DataConfig:
     """Where the data is and how it is read.
 
     ``layout`` picks a reader from ``pipeline.data.layouts.LAYOUTS`` (competition CSV, VOC, Cityscapes).
-    ``folds_csv`` empty means ``<root>/folds.csv``.
-    """
+    ``folds_csv`` empty means ``<root>/folds.csv``."""
 
     root: str = "data/demo"
     layout: str = "competition"
@@ -87,14 +86,19 @@ class LossConfig:
     dice_weight: float = 0.5
     lovasz_weight: float = 0.0
     lovasz_epochs: int = 0
-    ignore_index: int | None = None  # multi-class only, e.g. 255 for VOC borders
+    # Soft Dice over each image, then the batch mean (the competition scores per image), or one Dice over
+    # the batch's pixels; auto: per image for binary runs (it won on the proxy), batch for multi-class.
+    dice_per_image: bool | str = "auto"
+    # Mask value left out of the loss and every metric, binary or multi-class: 255 for VOC borders and for
+    # the uncertain band of pseudo labels (make pseudo sets it). None: every pixel counts.
+    ignore_index: int | None = None
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then ``schedule`` (a key of ``pipeline.core.schedule.SCHEDULES``) from
-    ``lr`` to
-    ``lr * min_lr_ratio``."""
+    """AdamW (no weight decay on norms and biases), a linear warm-up over ``warmup_epochs``, then the decay
+    ``schedule`` (a key of ``pipeline.core.schedule.SCHEDULES``: cosine, poly, linear or constant) from
+    ``lr`` down to ``lr * min_lr_ratio`` at the last step; ``constant`` stays at ``lr``."""
 
     lr: float = 1e-3
     schedule: str = "cosine"
@@ -106,7 +110,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class AugConfig:
-    """Training augmentation (albumentations); validation and test get normalisation only."""
+    """Training augmentation (albumentations). Validation and test tiles are not augmented (only padded
+    and centre-cropped when ``data.crop_size`` is set); the model normalises its input itself."""
 
     d4: bool = True  # flips + 90 degree rotations
     shift_scale_rotate_p: float = 0.5
@@ -129,10 +134,12 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "bf16"  # bf16 | fp16 | none; only used on CUDA (CPU trains in fp32)
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
-    patience: int = 0  # early stopping on validation Dice; 0 = off
+    amp: str = "auto"  # every forward of the run; auto: bf16 on CUDA, float32 on CPU; bf16|fp16|none anywhere
+    channels_last: bool | str = "auto"  # auto: on CUDA only; true/false on any device
+    compile: bool = False  # torch.compile of the training forward (inductor; on CPU too)
+    # Early stopping: stop a fold after this many epochs without a better selection score (val_dice binary,
+    # val_miou multi-class: pipeline.runs.history.monitor_key); 0 = off.
+    patience: int = 0
     max_steps_per_epoch: int = 0  # 0 = full epoch; small values make tests and smoke runs fast
     ema: float = 0.0  # EMA decay of weights for validation/checkpoints; 0 = off
     # SWA: average the weights at the end of each of the last N epochs, recompute BatchNorm statistics,
@@ -152,8 +159,8 @@ class InferConfig:
     min_area: int = 0  # replaced by the OOF-tuned value in the manifest
     thresholds: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
     min_areas: tuple[int, ...] = (0, 16, 32, 64, 128, 256)
-    # Images in one forward pass, TTA views included: 16 tiles x 8 D4 views in one forward took
-    # 18 GB at 512 px on CPU. Bounds inference memory everywhere (OOF pass, submit, predict, scene).
+    # Pixels in one forward, in input tiles, TTA views included (a 1.25-scale view counts 1.56): 16 tiles x
+    # 8 D4 views in one forward took 18 GB at 512 px on CPU. Bounds inference memory everywhere.
     max_images: int = 32
     tile_size: int = 512  # sliding-window prediction on large scenes
     overlap: int = 128
@@ -325,13 +332,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML ({yaml_problem(e)}); fix the file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data:, model:, ...)")
-    data = _merge(data, parse_overrides(list(overrides)))
-    cfg = from_dict(Config, data)
-    validate(cfg)
-    return cfg
+    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
 
 
 def _ge0(v: Any) -> bool:
@@ -380,7 +384,9 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.ema", lambda v: 0 <= v < 1, ">= 0 and < 1 (0: off; e.g. 0.999)"),
     ("train.swa_epochs", _ge0, ">= 0 (0: off)"),
     ("train.swa_lr", _ge0, ">= 0 (0: the schedule's rate)"),
-    ("train.amp", lambda v: v in ("bf16", "fp16", "none"), "bf16, fp16 or none"),
+    ("train.amp", lambda v: v in ("auto", "bf16", "fp16", "none"), "auto, bf16, fp16 or none"),
+    ("train.channels_last", lambda v: v in (True, False, "auto"), "true, false or auto"),
+    ("loss.dice_per_image", lambda v: v in (True, False, "auto"), "true, false or auto"),
     ("train.device", lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)), "auto, cpu, cuda or cuda:N"),
 ]
 
@@ -389,8 +395,7 @@ def validate(cfg: Config) -> None:
     """Every value's range (:data:`_RANGES`), cross-field checks and the inference settings, all at once.
 
     Called by :func:`load_config`, so a bad value stops a command before any folder is made. The model
-    registry (arch, encoder) is checked by :func:`pipeline.model.registry.check_model`, which needs torch.
-    """
+    registry (arch, encoder) is checked by :func:`pipeline.model.registry.check_model`, which needs torch."""
     problems = []
     for key, ok, allowed in _RANGES:
         section, name = key.split(".")
@@ -402,6 +407,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"optim.schedule must be one of {', '.join(SCHEDULES)}, not {cfg.optim.schedule!r}")
     if cfg.loss.ce_weight + cfg.loss.dice_weight + cfg.loss.lovasz_weight == 0:
         problems.append("loss.ce_weight, loss.dice_weight and loss.lovasz_weight must not all be 0")
+    if cfg.loss.dice_per_image is True and cfg.model.classes != 1:
+        problems.append("loss.dice_per_image is for binary runs (model.classes=1)")
     if (cfg.loss.lovasz_weight or cfg.loss.lovasz_epochs) and cfg.model.classes != 1:
         problems.append("loss.lovasz_weight and loss.lovasz_epochs are for binary runs (model.classes=1)")
     phases = (("loss.lovasz_epochs", cfg.loss.lovasz_epochs), ("train.swa_epochs", cfg.train.swa_epochs))
@@ -421,9 +428,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-# Sections a run may change between its start and a resume: they act only after training (the OOF pass
-# and tuning read the current values), so changing them must never make a user retrain.
-RESUME_FREE = ("infer",)
+# What a resume may change: infer.* acts after training only; precision, layout and compile say how the same
+# model is computed (a run saved before "auto" existed says bf16 / true, then meaning "on a GPU only").
+RESUME_FREE = ("infer", "train.amp", "train.channels_last", "train.compile")
 
 
 def config_changes(
@@ -431,23 +438,24 @@ def config_changes(
 ) -> list[str]:
     """The settings that differ between two configs saved by :func:`to_dict`, as ``key: old -> new``.
 
-    Sections in ``ignore`` are skipped. Both sides are completed with the defaults first, so a key
-    added to buildseg after a run was saved is not a change.
-    """
+    Sections and dotted keys in ``ignore`` are skipped. Both sides are completed with the defaults first,
+    so a key added after a run was saved is not a change (``loss.dice_per_image`` aside: batch then)."""
 
     def full(d: dict[str, Any]) -> dict[str, Any]:
+        d = {**d, "loss": {"dice_per_image": False, **(d.get("loss") or {})}}  # saved before "auto": batch
         try:
             return to_dict(from_dict(Config, d))
         except (ConfigError, TypeError):
             return d
 
     def walk(a: Any, b: Any, key: tuple[str, ...]) -> list[str]:
+        if ".".join(key) in ignore:  # a section or a dotted key
+            return []
         if not (isinstance(a, dict) and isinstance(b, dict)):
             return [] if a == b else [f"{'.'.join(key)}: {a!r} -> {b!r}"]
         return [c for k in sorted(set(a) | set(b)) for c in walk(a.get(k), b.get(k), (*key, k))]
 
-    a, b = ({k: v for k, v in full(d or {}).items() if k not in ignore} for d in (old, new))
-    return walk(a, b, ())
+    return walk(full(old or {}), full(new or {}), ())
 
 
 def infer_problems(infer: InferConfig, prefix: str = "infer.") -> list[str]:
@@ -472,7 +480,7 @@ def infer_problems(infer: InferConfig, prefix: str = "infer.") -> list[str]:
     if infer.batch_size < 1:
         problems.append(f"{prefix}batch_size must be >= 1, not {infer.batch_size}")
     if infer.max_images < 1:
-        problems.append(f"{prefix}max_images must be >= 1 (images per forward), not {infer.max_images}")
+        problems.append(f"{prefix}max_images must be >= 1 (tiles per forward), not {infer.max_images}")
     if infer.tile_size < 32 or not 0 <= infer.overlap < infer.tile_size:
         problems.append(
             f"{prefix}tile_size must be >= 32 and 0 <= overlap < tile_size "
@@ -483,8 +491,7 @@ def infer_problems(infer: InferConfig, prefix: str = "infer.") -> list[str]:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved by :func:`to_dict` (e.g. from inside a checkpoint)."""
-    cfg = from_dict(Config, data)
-    validate(cfg)
+    validate(cfg := from_dict(Config, data))
     return cfg
 
 

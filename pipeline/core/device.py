@@ -8,6 +8,8 @@ the benchmarks) picks its device with :func:`pick_device` and mixed precision wi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import random
 from dataclasses import dataclass
@@ -93,14 +95,68 @@ def pick_device(spec: str = "auto", d: Dist = Dist()) -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError(f"device {spec} asked for, but no CUDA GPU is visible; use cpu (or auto)")
         torch.cuda.set_device(device)
+    else:
+        reuse_host_memory()
     return device
 
 
-def autocast_ctx(device: torch.device, amp: str = "bf16") -> Any:
-    """bf16/fp16 autocast on CUDA; a no-op on CPU or with ``amp="none"`` (CPU runs fp32)."""
-    if device.type != "cuda" or amp == "none":
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def reuse_host_memory() -> bool:
+    """Let glibc keep and reuse the memory of large freed blocks instead of mapping fresh pages for each.
+
+    By default a block over 32 MB (every activation of a 512 px forward) is mmap'd when allocated and
+    unmapped when freed, so each forward touches fresh zero pages: 4.7 M minor page faults and 10 s of
+    system time for 4 forwards of 8 tiles of U-Net/ResNet34 on CPU (``make submit`` spent 37 % of its
+    CPU time in the kernel, 175 M faults for 112 tiles with D4). Served from the heap and not trimmed:
+    37 k faults, 0.1 s of system time, peak RSS 11 % higher. Once per process; False where there is no
+    glibc (the allocator is left as it is)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1  # blocks up to 1 GB from the heap
+    return ok and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1  # freed heap kept for reuse
+
+
+# train.amp values and the autocast dtype each one asks for ("none": no autocast, float32).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def resolve_amp(device: torch.device, amp: str = "auto") -> str:
+    """``train.amp`` on ``device``: ``auto`` is bf16 on CUDA and none (float32) elsewhere, so a CPU run
+    computes in float32 unless a precision is asked for by name; bf16, fp16 and none mean themselves on
+    every device (CPU autocast included)."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "none"
+    if amp not in AMP_DTYPES:
+        raise DeviceError(f"train.amp={amp!r}; use auto, bf16, fp16 or none")
+    return amp
+
+
+def resolve_channels_last(device: torch.device, value: bool | str = "auto") -> bool:
+    """``train.channels_last`` on ``device``: ``auto`` is on for CUDA only (CPU kernels would change the
+    float32 numbers of a CPU run); true/false mean themselves on every device."""
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
+def autocast_ctx(device: torch.device, amp: str = "auto") -> Any:
+    """Autocast to ``amp``'s dtype (:func:`resolve_amp`) on ``device``'s type, CPU included; a no-op
+    for none (and for auto off CUDA)."""
+    dtype = AMP_DTYPES[resolve_amp(device, amp)]
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, amp: str = "auto") -> Any:
+    """The loss scaler fp16 training needs (its gradients underflow without one), on any device;
+    None for every other precision (bf16 has float32's exponent range)."""
+    if resolve_amp(device, amp) != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -15,11 +15,17 @@ are accepted, so a crafted file cannot execute code when it is opened.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import io
+import json
 import os
 import re
+import shutil
+import signal
 import socket
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -79,6 +85,11 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
+    for journal in folder.rglob(".commit.*.json"):  # a transaction killed while committing: complete it
+        m = re.match(r"^\.commit\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*)\.json$", journal.name)
+        if m and m["host"] == HOST and not pid_alive(int(m["pid"])):
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                _commit(journal)
     now = time.time()
     for p in folder.rglob(".*.tmp"):
         m = _TEMP.match(p.name)
@@ -117,6 +128,18 @@ def check_writable(folder: str | Path) -> None:
         raise OSError(e.errno, f"cannot write there ({e.strerror or e})", str(folder)) from None
 
 
+def check_free_space(folder: str | Path, need: int, what: str) -> None:
+    """Fail now, naming ``folder``, when its disk has less than ``need`` bytes free for ``what``: better
+    than a full disk found after hours of predicting (the OS error of a full disk names no file)."""
+    free = shutil.disk_usage(Path(folder)).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"{free / 1e6:.0f} MB free, {what} needs up to {need / 1e6:.0f} MB",
+            str(folder),
+        )
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success rename it over ``path``, on error remove it.
@@ -136,17 +159,81 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         except FileNotFoundError:
             os.chmod(tmp, 0o666 & ~_UMASK)
+        staged = _STAGED.get()
+        if staged is not None:  # inside a transaction: renamed with the others when it commits
+            staged.append((Path(tmp), path))
+            return
         os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # make the rename itself durable (best effort)
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a full disk names no file: say which one failed
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # make a rename durable (best effort)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+# The files staged by the transaction in progress (None outside one): (temp file, target) pairs.
+_STAGED: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
+    "staged", default=None
+)
+JOURNAL = ".commit.{pid}@{host}.json"
+
+
+@contextlib.contextmanager
+def transaction(folder: str | Path) -> Iterator[None]:
+    """Several files of ``folder`` replaced as one: all of them, or none.
+
+    Inside the block, :func:`atomic_write` (and every writer built on it) writes its temp file and defers
+    the rename. On success the pairs are recorded in a journal (``.commit.<pid>@<host>.json``), every temp
+    is renamed over its target, and the journal is removed; on an error nothing is renamed and the temps
+    are removed. A kill before the journal is written leaves the old files (its temps are stale); a kill
+    after it leaves a journal that :func:`remove_stale_temps` completes. Ctrl-C and SIGTERM are held back
+    during the renames, so an interrupt never splits them.
+    """
+    folder = Path(folder)
+    staged: list[tuple[Path, Path]] = []
+    token = _STAGED.set(staged)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+    finally:
+        _STAGED.reset(token)
+    journal = folder / JOURNAL.format(pid=os.getpid(), host=HOST)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        atomic_write_text(journal, json.dumps([[str(t), str(p)] for t, p in staged]))
+        _commit(journal)
+        if signal.sigpending() & {signal.SIGINT, signal.SIGTERM}:  # delivered when the mask is lifted
+            print(
+                f"note: {folder}: interrupted as its new files were put in place; all of them are",
+                file=sys.stderr,
+            )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _commit(journal: Path) -> None:
+    """Rename every staged temp of ``journal`` still there over its target, then remove the journal."""
+    for tmp, target in json.loads(journal.read_text()):
+        with contextlib.suppress(FileNotFoundError):  # renamed before a kill
+            os.replace(tmp, target)
+    for folder in {Path(target).parent for _, target in json.loads(journal.read_text())}:
+        _fsync_dir(folder)
+    journal.unlink()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -172,6 +259,13 @@ def save_yaml(path: str | Path, data: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: what, and where (PyYAML's own text spans several indented lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
 def load_yaml(path: str | Path) -> Any:
     """Read YAML with ``safe_load`` only (no Python object tags)."""
     path = Path(path)
@@ -180,7 +274,7 @@ def load_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e}); fix or delete the file") from None
+        raise ValueError(f"{path}: not valid YAML ({yaml_problem(e)}); fix or delete the file") from None
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -192,14 +286,46 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _refusal(message: str) -> str | None:
+_BUILDS_OBJECTS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def _object_pickle(path: Path) -> str | None:
+    """The object-building opcodes of a well-formed pickle in ``path`` (a raw pickle, or a torch zip's
+    ``data.pkl``), or None when no complete pickle is there. Parsed with ``pickletools.genops``, which
+    never executes anything."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return None
+                data = z.read(member)
+        else:
+            data = path.read_bytes()
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):  # a legacy torch file is several pickles in a row
+            ops = {op.name for op, _, _ in pickletools.genops(stream)}
+            if ops & _BUILDS_OBJECTS:
+                return ", ".join(sorted(ops & _BUILDS_OBJECTS))
+    except Exception:  # not (or no longer) a well-formed pickle: corruption, not a refusal
+        return None
+    return None
+
+
+def _refusal(message: str, path: Path) -> str | None:
     """What a ``weights_only`` refusal names, or None when the bytes are not a pickle at all.
 
     torch raises ``UnpicklingError`` both for a blocked object (a crafted or foreign file: a refusal)
-    and for bytes that are no pickle ("Unsupported operand": corruption); the two need different advice.
+    and for bytes it cannot read ("Unsupported operand"), which is either corruption or a well-formed
+    pickle using opcodes the safe loader does not allow (a crafted file of pickle protocol 0, 4 or 5):
+    the two need different advice, so the bytes are parsed (never run) to tell them apart.
     """
     if "Unsupported operand" in message:
-        return None
+        ops = _object_pickle(path)
+        return None if ops is None else f"pickle instructions that build objects ({ops})"
     blocked = re.search(r"GLOBAL (\S+)", message)
     if blocked:
         return f"blocked object {blocked.group(1)}"
@@ -224,14 +350,18 @@ def load_checkpoint(path: str | Path, map_location: str | Any = "cpu") -> dict[s
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; train first (make train) or fix the path")
-    corrupt_fix = "delete it and resume from the previous one (last.pt) or retrain this fold"
+    corrupt_fix = (
+        "delete it and run the same make train again: the fold restarts from its first epoch"
+        if path.name == "last.pt"
+        else "delete it and retrain this fold (make train FOLDS=k resumes from its last.pt if that is whole)"
+    )
     if path.stat().st_size == 0:
         # torch raises IndexError on an empty file; say what it means instead.
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or corrupt; {corrupt_fix}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = _refusal(str(e))
+        detail = _refusal(str(e), path)
         if detail is None:
             # Not a blocked object: the bytes are not a valid pickle (garbage, a cut legacy file).
             raise CheckpointError(

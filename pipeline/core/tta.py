@@ -155,25 +155,34 @@ def _lookup(registry: dict, key: str, what: str) -> object:
     return registry[key]
 
 
-def _forward(
-    model_fn: Callable[[Tensor], Tensor], views: list[Tensor], batch: int, max_images: int | None = None
-) -> list[Tensor]:
-    """Run ``model_fn`` on same-shaped views concatenated along the batch dim, at most ``max_images``
-    images per call (memory grows with the images in one forward); split the output back per view."""
-    x = torch.cat(views, dim=0) if len(views) > 1 else views[0]
-    step = max_images or len(x)
-    if len(x) > step:
-        out = torch.cat([model_fn(x[i : i + step]) for i in range(0, len(x), step)], dim=0)
-    else:
-        out = model_fn(x)
-    expected = (batch * len(views), views[0].shape[-2], views[0].shape[-1])
-    if out.ndim != 4 or (out.shape[0], *out.shape[-2:]) != expected:
-        raise ValueError(
-            f"model_fn returned shape {tuple(out.shape)} for an input of shape "
-            f"{(batch * len(views), *views[0].shape[1:])}; it must return logits [B, K, H, W] "
-            "with the input's batch size, H and W (pad the input to a multiple of the model's stride)"
-        )
-    return list(out.split(batch, dim=0))
+def _chunks(views: list[int], batch: int, per_forward: int) -> list[list[tuple[int, int, int]]]:
+    """The work of same-shaped ``views`` over a batch of ``batch`` images, cut into forwards of at most
+    ``per_forward`` images: each forward is a list of (view, first image, end image), view-major."""
+    chunks: list[list[tuple[int, int, int]]] = [[]]
+    room = per_forward
+    for v in views:
+        start = 0
+        while start < batch:
+            if room == 0:
+                chunks.append([])
+                room = per_forward
+            end = min(batch, start + room)
+            chunks[-1].append((v, start, end))
+            room -= end - start
+            start = end
+    return chunks
+
+
+def _view_groups(transforms: tuple[Transform, ...], x: Tensor, merge_batch: bool) -> list[list[int]]:
+    """View indices grouped by the shape each view has (one forward can only hold one shape); with
+    ``merge_batch=False`` every view is its own group."""
+    if not merge_batch:
+        return [[i] for i in range(len(transforms))]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    probe = x[:1]
+    for i, t in enumerate(transforms):
+        groups.setdefault(tuple(t.augment(probe).shape[-2:]), []).append(i)
+    return list(groups.values())
 
 
 @torch.no_grad()
@@ -193,15 +202,19 @@ def predict_tta(
         tta: a key of :data:`TTA_SETS` (``none`` | ``flip`` | ``d4`` | ``ms`` | ``d4_ms``).
         activation: ``sigmoid`` (binary, K = 1), ``softmax`` (over K) or ``none`` (model_fn already
             returns probabilities).
-        merge_batch: concatenate all views along the batch dim and run one forward of
-            ``len(views) * B`` (fastest on a GPU, ``len(views)`` times the activation memory).
-            Views are grouped by shape, so a non-square input under ``d4`` takes two forwards
-            (H x W and W x H). ``False``: one forward per view.
-        max_images: at most this many images per forward (views included), e.g. ``infer.max_images``:
-            the merged batch is cut into pieces, so memory is bounded whatever B and the TTA set.
+        merge_batch: run same-shaped views together, ``len(views) * B`` images per forward (fastest
+            on a GPU); a non-square input under ``d4`` takes two shapes (H x W and W x H), ``ms``
+            three sizes. ``False``: one view per forward.
+        max_images: bounds memory by pixels: a forward holds at most ``max_images`` images of the
+            input's H x W in pixels, so a 1.25-scale view (640 px for a 512 px tile) counts 1.5625
+            images and a 0.75-scale view 0.5625 (at least one image per forward). ``None``: no bound.
 
     Returns:
         float32 probabilities [B, K, H, W].
+
+    Views are made per forward and their probabilities added to the running sum at once, so memory is
+    the sum [B, K, H, W], one forward's views and the model's activations, whatever the TTA set: all
+    24 views of ``d4_ms`` are never held together.
 
     Probabilities, not logits, are averaged: the mean of logits is dominated by the most confident
     view (logits are unbounded), whereas the mean of probabilities is bounded and keeps the scale
@@ -210,27 +223,37 @@ def predict_tta(
     """
     if x.ndim != 4:
         raise ValueError(f"predict_tta expects a batch [B, C, H, W], got shape {tuple(x.shape)}")
-    transforms = _lookup(TTA_SETS, tta, "TTA set")
+    transforms: tuple[Transform, ...] = _lookup(TTA_SETS, tta, "TTA set")
     act = _lookup(ACTIVATIONS, activation, "activation")
-    batch = x.shape[0]
-
-    views = [t.augment(x) for t in transforms]
-    if merge_batch:
-        outputs: list[Tensor | None] = [None] * len(views)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, v in enumerate(views):
-            groups.setdefault(tuple(v.shape), []).append(i)
-        for idx in groups.values():
-            for i, out in zip(idx, _forward(model_fn, [views[i] for i in idx], batch, max_images)):
-                outputs[i] = out
-    else:
-        outputs = [_forward(model_fn, [v], batch, max_images)[0] for v in views]
-
+    batch, (h, w) = x.shape[0], x.shape[-2:]
     total: Tensor | None = None
-    for t, out in zip(transforms, outputs):
-        # Activation in float32: bf16/fp16 logits would lose precision in the sum.
-        probs = t.deaugment(act(out.float()))
-        if t.scale != 1:
-            probs = F.interpolate(probs, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        total = probs if total is None else total + probs
+    for group in _view_groups(transforms, x, merge_batch):
+        vh, vw = transforms[group[0]].augment(x[:1]).shape[-2:]
+        per_forward = len(group) * batch
+        if max_images is not None:
+            per_forward = max(1, min(per_forward, max_images * h * w // (vh * vw)))
+        for chunk in _chunks(group, batch, per_forward):
+            views = [transforms[v].augment(x[a:b]) for v, a, b in chunk]
+            inp = torch.cat(views) if len(views) > 1 else views[0]
+            del views
+            out = model_fn(inp)
+            if out.ndim != 4 or (out.shape[0], *out.shape[-2:]) != (len(inp), vh, vw):
+                raise ValueError(
+                    f"model_fn returned shape {tuple(out.shape)} for an input of shape {tuple(inp.shape)}; "
+                    "it must return logits [B, K, H, W] with the input's batch size, H and W (pad the "
+                    "input to a multiple of the model's stride)"
+                )
+            del inp
+            pos = 0
+            for v, a, b in chunk:
+                t = transforms[v]
+                # Activation in float32: bf16/fp16 logits would lose precision in the sum.
+                probs = t.deaugment(act(out[pos : pos + b - a].float()))
+                pos += b - a
+                if t.scale != 1:
+                    probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+                if total is None:
+                    total = torch.zeros((batch, probs.shape[1], h, w), dtype=torch.float32, device=x.device)
+                total[a:b] += probs
+            del out
     return total / len(transforms)

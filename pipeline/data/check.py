@@ -35,13 +35,16 @@ from pathlib import Path
 
 from pipeline.core.config import DataConfig
 from pipeline.core.errors import cli
-
-# The scanner and the RLE check live with the format; pipeline.infer.validate imports them from here too.
-from pipeline.core.progress import progress
+from pipeline.core.progress import phase, progress
 from pipeline.data import DataError
 from pipeline.data.images import inspect_image, list_images
 from pipeline.data.layouts import layout
+
+# The scanner and the RLE check live with the format; pipeline.infer.validate imports them from there too.
 from pipeline.data.maskcsv import CsvRow, CsvScan, Problem, rle_problem, scan_csv
+
+# A size no mask runs past: with no tile of a known size, only the RLE syntax of a row is checked.
+NO_SIZE = (1 << 16, 1 << 16)
 
 
 @dataclass
@@ -178,12 +181,11 @@ class _Checker:
                     hints.fix(r.name, r.row),
                     "missing-image",
                 )
-        bar = progress(len(rows), f"check {dir_name}/", unit="tile")
-        for r in rows:
-            if r.name in have:
-                self.image(dir_name, r.name)
-            bar.update(1)
-        bar.close()
+        with progress(len(rows), f"check {dir_name}/ (every tile decoded)", unit="tile") as bar:
+            for r in rows:
+                if r.name in have:
+                    self.image(dir_name, r.name)
+                bar.update(1)
 
     def unlisted(
         self, csv_name: str, rows: list[CsvRow], dir_name: str, present: list[str], why: str
@@ -201,14 +203,17 @@ class _Checker:
     def masks(self, csv_name: str, rows: list[CsvRow], dir_name: str) -> int:
         """Validate every mask against its tile's actual size (expected size if unreadable); count empties."""
         empty = 0
-        for r in rows:
-            shape = self.sizes.get(self.root / dir_name / r.name) or self.shape or (0, 0)
-            problem = rle_problem(r.rle, shape)
-            if problem:
-                what, fix, code = problem
-                self.report.error(f"{csv_name}, row {r.row} ({r.name})", what, fix, code)
-            elif not r.rle:
-                empty += 1
+        with progress(len(rows), f"check {csv_name} (every mask checked)", unit="mask") as bar:
+            for r in rows:
+                # No tile of a known size (a missing folder, reported once): only the syntax can be checked.
+                shape = self.sizes.get(self.root / dir_name / r.name) or self.shape or NO_SIZE
+                problem = rle_problem(r.rle, shape)
+                if problem:
+                    what, fix, code = problem
+                    self.report.error(f"{csv_name}, row {r.row} ({r.name})", what, fix, code)
+                elif not r.rle:
+                    empty += 1
+                bar.update(1)
         return empty
 
     def non_ascii(self) -> None:
@@ -294,11 +299,12 @@ def check_dataset(
         )
         return report
     c = _Checker(root, cfg.image_size, report)
-    if train:
-        _check_train(c, cfg)
-    if test:
-        _check_test(c, cfg)
-    c.non_ascii()
+    with phase(f"check_data {root}"):  # CSV scans and folder listings between the bars
+        if train:
+            _check_train(c, cfg)
+        if test:
+            _check_test(c, cfg)
+        c.non_ascii()
     return report
 
 
@@ -391,8 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-dir", default=d.test_dir)
     p.add_argument("--sample-csv", default=d.sample_csv)
     p.add_argument("--test-mask-csv", default=d.test_mask_csv, help="optional ground truth of the test tiles")
-    p.add_argument("--size", type=int, default=d.image_size,
-                   help="expected tile height and width (0: all tiles the size of the first)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=d.image_size,
+        help="expected tile height and width (0: all tiles the size of the first)",
+    )
     p.add_argument(
         "--max-per-kind", type=int, default=None, help="show at most this many problems of each kind"
     )

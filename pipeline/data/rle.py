@@ -366,10 +366,12 @@ def decode_many(
     same layout (``out.transpose(0, 2, 1)`` C-contiguous, e.g. a memmap [N, W, H] transposed) is
     filled with plain copies, a C-ordered one with a transposing copy (3x slower in all).
 
-    Rows are parsed, validated and painted in bulk, one group of rows per pass of numpy calls. A
-    group with anything unusual (text not in the canonical form, an invalid row) is decoded row by
-    row, so errors name ``source`` (e.g. the CSV path), the row (``first_row`` + index) and the tile
-    name exactly as :func:`decode` would. All bad rows are reported in one error, not just the first.
+    All rows are parsed, validated and painted in one compiled pass (numba) over their bytes. A row
+    the pass does not accept (text not in the canonical form, a non-string value, an invalid row) is
+    decoded again on its own by the careful path, which accepts any whitespace and raises the precise
+    error; without numba every row takes that path. Errors name ``source`` (e.g. the CSV path), the
+    row (``first_row`` + index) and the tile name exactly as :func:`decode` would; every bad row is
+    counted in one :class:`RLEError`, the first 20 listed.
     """
     rles = list(rles)  # a pandas Series would index by label, not position
     names = None if names is None else list(names)

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -28,10 +29,78 @@ from pipeline.core.io import atomic_write, temp_prefix
 from pipeline.core.progress import progress
 from pipeline.geo import GeoError
 from pipeline.geo.tiling import TileGrid, blend_window, check_rgb, open_raster, pad_to, read_rgb
-from pipeline.metrics.postprocess import binarize
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 GDAL_CACHE_MB = 64  # GDAL block cache while writing a scene mask
+OUTPUT_DRIVERS = {".tif": "GTiff", ".tiff": "GTiff", ".png": "PNG"}  # a scene mask's suffix -> its format
+TAG_PREFIX = "BUILDSEG_"  # GeoTIFF metadata keys of what made a mask (:class:`MaskTags`)
+
+
+@dataclass(frozen=True)
+class MaskTags:
+    """What made a mask, stored in its GeoTIFF metadata so that later stages use the same settings.
+
+    ``make footprints MASK=`` takes ``min_area`` (pixels, the run's tuned minimum component area) from
+    here unless told otherwise: ``predict_scene`` does not filter components (they cross its strips).
+    """
+
+    command: str  # e.g. "make predict-scene"
+    run: str  # the run's name
+    run_dir: str
+    threshold: float
+    min_area: int
+    tta: str
+    classes: int
+    scene: str  # the input scene's file name
+
+    def to_tags(self) -> dict[str, str]:
+        return {f"{TAG_PREFIX}{k.upper()}": str(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def read(cls, path: str | Path) -> MaskTags | None:
+        """The tags of the raster at ``path``, or None when it was not written by buildseg (or is older)."""
+        with open_raster(Path(path)) as src:
+            tags = src.tags()
+        values = {k: tags.get(f"{TAG_PREFIX}{k.upper()}") for k in cls.__dataclass_fields__}
+        if any(v is None for v in values.values()):
+            return None
+        types = {"threshold": float, "min_area": int, "classes": int}
+        try:
+            return cls(**{k: types.get(k, str)(v) for k, v in values.items()})
+        except ValueError:  # edited by hand into something else: treat as untagged
+            return None
+
+
+def check_output(dst_path: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+    """``dst_path`` if a scene mask can be written there: a known suffix, and none of ``inputs`` (an output
+    must never overwrite the scene it is made from). Checked before any model is loaded."""
+    dst_path = Path(dst_path)
+    if dst_path.suffix.lower() not in OUTPUT_DRIVERS:
+        raise GeoError(f"{dst_path}: output must be .tif/.tiff (GeoTIFF) or .png; change the file name")
+    for src in inputs:
+        if same_file(dst_path, src):
+            raise GeoError(
+                f"{dst_path} is the input scene {src}: writing the mask there would destroy the scene; "
+                "choose another output name"
+            )
+    return dst_path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when ``a`` and ``b`` name one file (links and relative paths included)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def written_by(path: str | Path) -> str:
+    """Who wrote an existing raster: ``make predict-scene (run x)`` from its tags, else "not buildseg"."""
+    try:
+        tags = MaskTags.read(path)
+    except (GeoError, OSError):
+        tags = None
+    return f"{tags.command} (run {tags.run})" if tags else "not written by buildseg"
 
 
 @dataclass(frozen=True)
@@ -44,6 +113,13 @@ class SceneStats:
     n_batches: int
     accumulator_rows: int  # rows of the float64 sum and weight buffers (<= tile, not the scene height)
     flushed_rows: tuple[int, ...]  # rows written per flush, in order; they sum to height
+    foreground: int = 0  # pixels written non-zero (buildings; multi-class: any class but 0)
+    crs: str | None = None  # the mask's CRS as "EPSG:n" (or WKT), None without one
+
+    @property
+    def fraction(self) -> float:
+        """Share of the scene's pixels written non-zero."""
+        return self.foreground / max(self.height * self.width, 1)
 
 
 def _predict(predict_fn: PredictFn, batch: np.ndarray, classes: int = 1) -> np.ndarray:
@@ -62,14 +138,11 @@ def _predict(predict_fn: PredictFn, batch: np.ndarray, classes: int = 1) -> np.n
 
 
 def _dst_profile(dst_path: Path, src: rasterio.DatasetReader) -> dict:
-    suffix = dst_path.suffix.lower()
-    profile: dict = {"height": src.height, "width": src.width, "count": 1, "dtype": "uint8"}
-    if suffix in (".tif", ".tiff"):
-        profile.update(driver="GTiff", compress="deflate", tiled=True, blockxsize=256, blockysize=256)
-    elif suffix == ".png":
-        profile.update(driver="PNG")  # copy-only format: rasterio buffers the uint8 mask in memory
-    else:
-        raise GeoError(f"{dst_path}: output must be .tif/.tiff (GeoTIFF) or .png; change the file name")
+    driver = OUTPUT_DRIVERS[check_output(dst_path).suffix.lower()]
+    profile: dict = {"height": src.height, "width": src.width, "count": 1, "dtype": "uint8", "driver": driver}
+    if driver == "GTiff":
+        profile.update(compress="deflate", tiled=True, blockxsize=256, blockysize=256)
+    # PNG is a copy-only format: rasterio buffers the uint8 mask in memory.
     # Carry georeferencing only when the input has it: a plain JPEG/PNG has no CRS and an identity transform.
     if src.crs is not None or not src.transform.is_identity:
         profile.update(crs=src.crs, transform=src.transform)
@@ -78,7 +151,10 @@ def _dst_profile(dst_path: Path, src: rasterio.DatasetReader) -> dict:
 
 @contextlib.contextmanager
 def _open_output(
-    path: str | Path | None, src: rasterio.DatasetReader, resampling: str = "nearest"
+    path: str | Path | None,
+    src: rasterio.DatasetReader,
+    resampling: str = "nearest",
+    tags: dict | None = None,
 ) -> Iterator[rasterio.io.DatasetWriter | None]:
     """A uint8 band to write row strips into; on success ``path`` is written atomically (None: no output).
 
@@ -98,12 +174,14 @@ def _open_output(
         # The strips go to a temporary file beside the output (named so a later run removes it if this
         # one is killed), not to memory: memory stays flat in the scene's height. GDAL's block cache
         # is capped for the same reason (its default is 5% of RAM).
-        strips, cog = (_temp_beside(Path(path)) for _ in range(2))
+        strips, cog = (temp_beside(Path(path)) for _ in range(2))
         try:
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
                 with rasterio.open(strips, "w", **{**profile, "driver": "GTiff"}) as dst:
+                    if tags:
+                        dst.update_tags(**tags)
                     yield dst
-                with rasterio.open(strips) as tiled:
+                with rasterio.open(strips) as tiled, progress(None, f"write {Path(path).name} as COG"):
                     rasterio.shutil.copy(
                         tiled,
                         cog,
@@ -120,7 +198,7 @@ def _open_output(
             cog.unlink(missing_ok=True)
 
 
-def _temp_beside(path: Path) -> Path:
+def temp_beside(path: Path) -> Path:
     """An empty temporary file beside ``path``, named so a later run removes it if this one is killed."""
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -183,6 +261,8 @@ def predict_scene(
     classes: int = 1,
     colors: Sequence[tuple[int, int, int]] | None = None,
     probs_path: str | Path | None = None,
+    tags: dict[str, str] | None = None,
+    desc: str = "",
 ) -> SceneStats:
     """Sliding-window prediction of a large scene into a uint8 mask (or class-id) raster.
 
@@ -204,45 +284,78 @@ def predict_scene(
         colors: multi-class only, optional: RGB of each class id, written as the raster's colour table.
         probs_path: binary only, optional ``.tif``: the blended probabilities as uint8 ``round(p * 255)``
             (a COG like the mask, averaged overviews), e.g. for :mod:`pipeline.infer.footprints` attributes.
+        tags: GeoTIFF metadata of both outputs (:meth:`MaskTags.to_tags`); ``desc``: the progress lines'
+            prefix (default ``predict <scene name>``).
 
     Memory: one strip of tile rows of RGB ([tile, W, 3] uint8), one batch of tiles and predictions,
     and the :class:`_StripBlender` buffers of ``min(tile, H)`` x W. The GeoTIFF's strips go to a
     temporary file, which is copied as a COG and written atomically; PNG buffers the mask.
     """
+    # Here, not at the top: metrics imports torch (1 GB of RSS), which make footprints (MaskTags) never needs.
+    from pipeline.metrics.postprocess import binarize
+
     src_path, dst_path = Path(src_path), Path(dst_path)
     _check_args(foreground, batch_size, classes, probs_path)
+    check_output(dst_path, [src_path])
     with open_raster(src_path) as src:
         check_rgb(src, src_path)
-        height, width = src.height, src.width
-        grid = TileGrid(height, width, tile, overlap)
-        rows, cols = grid.row_offsets, grid.col_offsets
-        th, tw = min(tile, height), min(tile, width)
-        blender = _StripBlender(th, width, tile, window, classes)
-        n_batches, flushed = 0, []
+        grid = TileGrid(src.height, src.width, tile, overlap)
+        blender = _StripBlender(min(tile, src.height), src.width, tile, window, classes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with _open_output(dst_path, src) as dst, _open_output(probs_path, src, "average") as pdst:
+            with (
+                _open_output(dst_path, src, tags=tags) as dst,
+                _open_output(probs_path, src, "average", tags) as pdst,
+            ):
                 if classes > 1 and colors:
                     dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colors)})
-                bar = progress(len(grid), f"predict {src_path.name}", unit="window")
-                for k, r in enumerate(rows):
-                    bar.update(len(cols))
-                    strip = read_rgb(src, Window(0, r, width, th))
-                    for b in range(0, len(cols), batch_size):
-                        batch_cols = cols[b : b + batch_size]
-                        batch = np.stack([pad_to(strip[:, c : c + tw], tile) for c in batch_cols])
-                        for c, p in zip(batch_cols, _predict(predict_fn, batch, classes)):
-                            blender.add(c, p)
-                        n_batches += 1
-                    done = (rows[k + 1] if k + 1 < len(rows) else height) - r
-                    probs = blender.flush(done)
+
+                def to_mask(probs: np.ndarray) -> np.ndarray:
                     if classes > 1:
-                        mask = probs.argmax(-1).astype(np.uint8)
-                    else:
-                        mask = binarize(probs, threshold) * np.uint8(foreground)
-                    dst.write(mask[None], window=Window(0, r, width, done))
-                    if pdst is not None:  # the OOF files' uint8 scale: round(p * 255)
-                        pdst.write(np.rint(probs * 255).astype(np.uint8), 1, window=Window(0, r, width, done))
-                    flushed.append(done)
-    bar.close()
-    return SceneStats(height, width, len(grid), n_batches, th, tuple(flushed))
+                        return probs.argmax(-1).astype(np.uint8)
+                    return binarize(probs, threshold) * np.uint8(foreground)
+
+                with progress(len(grid), desc or f"predict {src_path.name}", unit="window") as bar:
+                    predict = lambda b: _predict(predict_fn, b, classes)  # noqa: E731
+                    n_batches, flushed, fg = _write_strips(
+                        src, grid, predict, blender, to_mask, (dst, pdst), batch_size, bar
+                    )
+        crs = None if src.crs is None else src.crs.to_string()  # "EPSG:32631", or WKT without a code
+    return SceneStats(src.height, src.width, len(grid), n_batches, blender.wsum.shape[0], flushed, fg, crs)
+
+
+def _write_strips(
+    src: rasterio.DatasetReader,
+    grid: TileGrid,
+    predict: PredictFn,
+    blender: _StripBlender,
+    to_mask: Callable[[np.ndarray], np.ndarray],
+    outputs: tuple[Any, Any],
+    batch_size: int,
+    bar: Any,
+) -> tuple[int, tuple[int, ...], int]:
+    """Every tile row of ``grid``: predict its tiles in batches, blend them, write the rows no later tile
+    reaches to the mask (and probabilities). Returns (batches, rows written per flush, non-zero pixels)."""
+    height, width, tile = src.height, src.width, grid.tile
+    rows, cols = grid.row_offsets, grid.col_offsets
+    th, tw = min(tile, height), min(tile, width)
+    dst, pdst = outputs
+    n_batches, flushed, fg = 0, [], 0
+    for k, r in enumerate(rows):
+        strip = read_rgb(src, Window(0, r, width, th))
+        for b in range(0, len(cols), batch_size):
+            batch_cols = cols[b : b + batch_size]
+            batch = np.stack([pad_to(strip[:, c : c + tw], tile) for c in batch_cols])
+            for c, p in zip(batch_cols, predict(batch)):
+                blender.add(c, p)
+            n_batches += 1
+            bar.update(len(batch_cols))  # per batch: a wide scene's tile row takes minutes on CPU
+        done = (rows[k + 1] if k + 1 < len(rows) else height) - r
+        probs = blender.flush(done)
+        mask = to_mask(probs)
+        fg += int(np.count_nonzero(mask))
+        dst.write(mask[None], window=Window(0, r, width, done))
+        if pdst is not None:  # the OOF files' uint8 scale: round(p * 255)
+            pdst.write(np.rint(probs * 255).astype(np.uint8), 1, window=Window(0, r, width, done))
+        flushed.append(done)
+    return n_batches, tuple(flushed), fg

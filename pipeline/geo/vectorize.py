@@ -5,7 +5,8 @@ A building is an 8-connected component of the mask (the component filter's conne
 coordinates (integers, so exact), with its holes, and is valid: where pixels touch only diagonally the
 outline touches itself, which is stored as a MultiPolygon of parts meeting at that corner (still one
 feature). Then per building: the minimum area (pixels; m²), simplification (Douglas-Peucker, tolerance
-in pixels, topology kept), the optional regularisation, and the raster's transform to its CRS.
+in pixels, topology kept), the optional regularisation (:data:`REGULARIZERS`: ``none``, ``rectangle``,
+``full``), and the raster's transform to its CRS.
 
 Windows: :func:`vectorize` reads the mask (and probabilities) one ``window`` x ``window`` block at a
 time. A building that reaches an inner window edge is a piece; pieces that touch across an edge
@@ -16,12 +17,14 @@ and the finished polygons.
 
 Columns of the result: ``id`` (1.. in raster order of each building's first pixel), ``scene``,
 ``pixels`` (of the mask), ``area_m2`` (of the written polygon: CRS units when projected in metres, a
-local equal-area projection otherwise, NaN without a CRS), ``prob_mean`` and ``prob_max`` (with
-probabilities).
+local equal-area projection otherwise, NaN without a CRS), ``cut`` (True when the building reaches the
+scene's border, so the scene may hold only part of it: :mod:`pipeline.geo.merge` joins such pieces of
+neighbouring scenes), ``prob_mean`` and ``prob_max`` (with probabilities).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,13 +57,21 @@ Reader = Callable[[Window], tuple[np.ndarray, np.ndarray | None]]
 
 @dataclass(frozen=True)
 class VectorizeOptions:
-    """How masks become polygons; ``regularize`` 0 = off, else the minimum fill of the rectangle."""
+    """How masks become polygons; ``regularize`` names one of :data:`REGULARIZERS`."""
 
     window: int = WINDOW  # pixels per side of the blocks read at a time
     min_area_px: int = 0  # buildings of fewer mask pixels are dropped
     min_area_m2: float = 0.0  # buildings whose polygon is smaller are dropped (needs a CRS)
     simplify: float = 1.0  # Douglas-Peucker tolerance in pixels; 0 = the exact pixel outline
-    regularize: float = 0.0  # e.g. 0.85: a polygon filling >= 85% of its minimum rotated rectangle becomes it
+    # none: the simplified outline (measured best, bench/results/footprints.json); rectangle: a building
+    # filling >= rectangle_fill of its minimum rotated rectangle becomes it; full: edges snapped to the
+    # building's main direction and its right angle (buildingregulariser), L/T/U shapes kept.
+    regularize: str = "none"
+    rectangle_fill: float = 0.85
+    # Buildings reaching the scene's border (``cut``) keep their exact pixel outline and pass the minimum
+    # areas (a piece may be small where its building is not): make predict-scenes joins them with their
+    # other pieces exactly, then simplifies and filters them (pipeline.geo.merge).
+    exact_cut: bool = False
 
     def __post_init__(self) -> None:
         problems = [
@@ -70,7 +81,13 @@ class VectorizeOptions:
                 ("min_area_px", self.min_area_px, self.min_area_px < 0, ">= 0"),
                 ("min_area_m2", self.min_area_m2, not self.min_area_m2 >= 0, ">= 0"),
                 ("simplify", self.simplify, not self.simplify >= 0, ">= 0 pixels"),
-                ("regularize", self.regularize, not 0 <= self.regularize <= 1, "0 = off, else a fill <= 1"),
+                (
+                    "regularize",
+                    self.regularize,
+                    self.regularize not in REGULARIZERS,
+                    " or ".join(REGULARIZERS),
+                ),
+                ("rectangle_fill", self.rectangle_fill, not 0 < self.rectangle_fill <= 1, "a fill in (0, 1]"),
             ]
             if bad
         ]
@@ -92,6 +109,7 @@ class _Piece:
     prob_max: float = 0.0
     edge: bool = False  # reaches an inner window edge: may go on in a neighbouring window
     below: bool = False  # reaches the lower edge of its strip (not the scene's): may go on below
+    cut: bool = False  # reaches the scene's own border: the scene may hold only part of the building
 
 
 def _piece_geometries(labels: np.ndarray, n: int, row_off: int, col_off: int) -> list[Any]:
@@ -125,16 +143,18 @@ def _window_pieces(
         p = probs.ravel()[fg].astype(np.float64)
         psum = np.bincount(lab, weights=p, minlength=n + 1)
         np.maximum.at(pmax, lab, p)
-    below, edge = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    below, edge, cut = np.zeros(n + 1, bool), np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    # Each side of the window is an inner edge (the building may go on in the next window) or the
+    # scene's own border (the building may go on in the next scene).
+    for side, inner in (
+        (labels[-1], row_off + h < height),
+        (labels[0], row_off > 0),
+        (labels[:, 0], col_off > 0),
+        (labels[:, -1], col_off + w < width),
+    ):
+        (edge if inner else cut)[side] = True
     if row_off + h < height:
         below[labels[-1]] = True
-    edge |= below
-    if row_off > 0:
-        edge[labels[0]] = True
-    if col_off > 0:
-        edge[labels[:, 0]] = True
-    if col_off + w < width:
-        edge[labels[:, -1]] = True
     geoms = _piece_geometries(labels, n, row_off, col_off)
     return [
         _Piece(
@@ -145,9 +165,29 @@ def _window_pieces(
             float(pmax[k]),
             bool(edge[k]),
             bool(below[k]),
+            bool(cut[k]),
         )
         for k in range(1, n + 1)
     ]
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> list[list[int]]:
+    """Connected components (lists of indices, each sorted, in order of their first) of ``n`` nodes
+    joined by the edges ``a[k]``-``b[k]`` (union-find with path halving)."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(a.tolist(), b.tolist()):
+        parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
 
 
 def _merge(pieces: list[_Piece]) -> list[_Piece]:
@@ -160,19 +200,7 @@ def _merge(pieces: list[_Piece]) -> list[_Piece]:
         return pieces
     geoms = np.array([p.geom for p in pieces], dtype=object)
     a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    parent = list(range(len(pieces)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in zip(a.tolist(), b.tolist()):
-        parent[root(i)] = root(j)
-    groups: dict[int, list[_Piece]] = {}
-    for i, p in enumerate(pieces):
-        groups.setdefault(root(i), []).append(p)
+    groups = [[pieces[i] for i in group] for group in components(len(pieces), a, b)]
     return [
         g[0]
         if len(g) == 1
@@ -184,8 +212,9 @@ def _merge(pieces: list[_Piece]) -> list[_Piece]:
             max(p.prob_max for p in g),
             edge=True,
             below=any(p.below for p in g),
+            cut=any(p.cut for p in g),
         )
-        for g in groups.values()
+        for g in groups
     ]
 
 
@@ -220,7 +249,7 @@ def _buildings(read: Reader, height: int, width: int, window: int, stats: dict[s
 # ----------------------------------------------------------------------------- polygons -> features
 
 
-def regularize(geoms: np.ndarray, fill: float) -> np.ndarray:
+def rectangle(geoms: np.ndarray, fill: float) -> np.ndarray:
     """Replace each Polygon without holes that fills >= ``fill`` of its minimum rotated rectangle by it.
 
     Args:
@@ -231,6 +260,57 @@ def regularize(geoms: np.ndarray, fill: float) -> np.ndarray:
     ratio = np.divide(shapely.area(geoms), area, out=np.zeros(len(geoms)), where=area > 0)
     simple = (shapely.get_type_id(geoms) == 3) & (shapely.get_num_interior_rings(geoms) == 0)
     return np.where(simple & (ratio >= fill), rect, geoms)
+
+
+# buildingregulariser's settings, in pixels (the outlines are regularised in pixel coordinates, before the
+# transform): chosen by a sweep on 60 real masks and kept fixed (measured in bench/footprints.py).
+FULL_SETTINGS = {
+    "parallel_threshold": 1.0,  # px: nearly parallel neighbouring edges closer than this are merged
+    "simplify": True,
+    "simplify_tolerance": 2.0,  # px
+    "allow_45_degree": True,  # bay windows and cut corners stay diagonal
+    "diagonal_threshold_reduction": 15,
+    "allow_circles": False,  # silos and round towers are rare; a circle has hundreds of vertices
+    "num_cores": 1,  # its default, 0, starts a pool of every core per call
+}
+
+
+def full(geoms: np.ndarray) -> np.ndarray:
+    """Edges of each building snapped to its main direction and its right angle (or 45 degrees).
+
+    Args:
+        geoms: object [N] shapely (Multi)Polygons in pixel coordinates.
+    Returns:
+        object [N]: the regularised outlines, made valid; a building the library drops keeps its outline.
+
+    buildingregulariser splits MultiPolygons into one row per part: each row carries its building's
+    index, and the parts are joined again by a union.
+    """
+    if not len(geoms):
+        return geoms
+    from buildingregulariser import regularize_geodataframe
+
+    frame = gpd.GeoDataFrame({"building": np.arange(len(geoms))}, geometry=list(geoms), crs=None)
+    with warnings.catch_warnings():
+        # pandas' deprecation of an argument the library passes (not ours to fix), and its note for each
+        # building it leaves as it was (its squared outline strayed too far): nothing a user can act on.
+        for message in ("The inplace keyword", "Regularized polygon has low IoU"):
+            warnings.filterwarnings("ignore", message=message, module=r"buildingregulariser\b")
+        out = regularize_geodataframe(frame, **FULL_SETTINGS)
+    result = np.array(geoms, dtype=object)
+    for k, part in out.groupby("building").geometry:
+        parts = [g for g in part if g is not None and not g.is_empty]
+        if parts:
+            result[int(k)] = shapely.make_valid(parts[0] if len(parts) == 1 else shapely.union_all(parts))
+    return result
+
+
+# ``VectorizeOptions.regularize`` -> what it does to outlines object [N] (pixel coordinates).
+REGULARIZERS: dict[str, Callable[[np.ndarray, Any], np.ndarray]] = {
+    "none": lambda geoms, opts: geoms,
+    "rectangle": lambda geoms, opts: rectangle(geoms, opts.rectangle_fill),
+    "full": lambda geoms, opts: full(geoms),
+}
 
 
 def _to_world(geoms: np.ndarray, transform: Affine) -> np.ndarray:
@@ -268,13 +348,18 @@ def _outline(pieces: list[_Piece], opts: VectorizeOptions) -> list[_Piece]:
     # Canonical first (no collinear vertices, fixed ring starts), so that the simplified outline does not
     # depend on how windows cut the building.
     geoms = shapely.normalize(shapely.simplify(geoms, 0.0))
-    if opts.simplify > 0:
-        geoms = shapely.simplify(geoms, opts.simplify, preserve_topology=True)
-    if opts.regularize > 0:
-        geoms = regularize(geoms, opts.regularize)
+    todo = ~np.array([p.cut for p in pieces]) if opts.exact_cut else np.ones(len(pieces), dtype=bool)
+    geoms[todo] = finish(geoms[todo], opts)
     for p, g in zip(pieces, geoms):
         p.geom = g
     return pieces
+
+
+def finish(geoms: np.ndarray, opts: VectorizeOptions) -> np.ndarray:
+    """Simplified (Douglas-Peucker, topology kept) and regularised outlines object [N], pixel units."""
+    if opts.simplify > 0 and len(geoms):
+        geoms = shapely.simplify(geoms, opts.simplify, preserve_topology=True)
+    return REGULARIZERS[opts.regularize](geoms, opts)
 
 
 def _features(
@@ -285,13 +370,15 @@ def _features(
     geoms = np.array([p.geom for p in pieces], dtype=object)
     pixels = np.array([p.pixels for p in pieces], dtype=np.int64)
     columns: dict[str, Any] = {"scene": [scene] * len(pieces), "pixels": pixels}
+    columns["cut"] = np.array([p.cut for p in pieces], dtype=bool)
     if with_probs:
         columns["prob_mean"] = np.array([p.prob_sum for p in pieces]) / np.maximum(pixels, 1)
         columns["prob_max"] = np.array([p.prob_max for p in pieces])
     frame = gpd.GeoDataFrame(columns, geometry=_to_world(geoms, transform), crs=crs)
     frame.insert(2, "area_m2", metric_frame(frame).area.to_numpy() if crs is not None else np.nan)
     if opts.min_area_m2 > 0:
-        frame = frame[frame["area_m2"].to_numpy() >= opts.min_area_m2].reset_index(drop=True)
+        keep = (frame["area_m2"].to_numpy() >= opts.min_area_m2) | (opts.exact_cut & columns["cut"])
+        frame = frame[keep].reset_index(drop=True)
     frame.insert(0, "id", np.arange(1, len(frame) + 1))
     return frame
 
@@ -317,13 +404,14 @@ def vectorize(
     pieces: list[_Piece] = []
     batch: list[_Piece] = []
     for p in _buildings(read, height, width, options.window, stats):
-        if p.pixels >= options.min_area_px:
+        if p.pixels >= options.min_area_px or (options.exact_cut and p.cut):
             batch.append(p)
         if len(batch) == _BATCH:
             pieces += _outline(batch, options)
             batch = []
-    pieces += _outline(batch, options)
-    frame = _features(pieces, transform, crs, scene, options, with_probs)
+    with progress(None, f"outline {len(pieces) + len(batch):,} buildings"):
+        pieces += _outline(batch, options)
+        frame = _features(pieces, transform, crs, scene, options, with_probs)
     frame.attrs.update(stats)
     return frame
 

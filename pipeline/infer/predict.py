@@ -261,6 +261,13 @@ def predict_to_dir(
     clash = sorted(str(p) for p, n in Counter(paths).items() if n > 1)
     if clash:
         raise DataError(f"test images {clash[:5]} map to the same output PNG (same stem); rename them")
+    inputs = {Path(p).resolve() for p in [*test.image_paths, *getattr(test.masks, "paths", [])]}
+    overwritten = [str(p) for p in paths if p.resolve() in inputs]
+    if overwritten:
+        raise DataError(
+            f"--out {out} would overwrite the data's own files ({', '.join(overwritten[:3])}); choose "
+            "another folder (default: predictions/<run>-<tta>/)"
+        )
 
     k = len(names)
     cm = np.zeros((k, k), dtype=np.int64)

@@ -44,7 +44,7 @@ from pipeline.metrics.pixel import (
     iou_per_image,
     metrics_report,
 )
-from pipeline.runs.folder import latest_submission
+from pipeline.runs.folder import latest_submission, read_submission_record
 
 CHUNK = 64  # tiles per confusion-matrix update: bounded memory on 2,500 512x512 tiles
 
@@ -169,17 +169,50 @@ def _main_footprints(a: argparse.Namespace) -> int:
     from pipeline.geo.vectorize import FootprintError
     from pipeline.infer.footprints import score_footprints
 
-    if Path(a.truth).suffix.lower() == ".csv":
+    if not a.truth or Path(a.truth).suffix.lower() == ".csv":
         raise ConfigError("--footprints needs --truth: true polygons (.gpkg, .geojson...) or a mask GeoTIFF")
     try:
         result = score_footprints(a.footprints, a.truth)
     except FootprintError as e:
         raise DataError(str(e)) from None
+    for key, n in result["repaired"].items():
+        if n:
+            what = f"{n} invalid polygon{'s' if n > 1 else ''}"
+            print(f"note: repaired {what} of {result[key]} with make_valid before scoring", file=sys.stderr)
     out = Path(f"{a.footprints}.score.json")
     atomic_write_text(out, json.dumps(result, indent=1))
     print(buildings.format_report(result["buildings"]))
     print(f"({result['n_pred']} predicted, {result['n_truth']} true buildings) -> {out}")
     return 0
+
+
+def _truth_of(submission: str, truth: str) -> tuple[Path, Path, Path]:
+    """(truth CSV, its tiles folder, where the score goes) for a submission.
+
+    Without ``truth``, the truth of the data the submission was made for (its record, written by
+    ``make submit``). With a ``truth`` of other data than that, the score is written beside the
+    submission's own under another name: a score against another data set whose tile names happen to
+    match never replaces the submission's score.
+    """
+    record = read_submission_record(submission)
+    own = Path(record["data_root"]) / record["test_mask_csv"] if record else None
+    if not truth:
+        if own is None:
+            raise ConfigError(
+                f"{submission} has no record of the data it was made for ({submission}.json, written by make "
+                "submit); name the truth: make score DATA=<data folder> (--truth DATA/test_a_mask.csv)"
+            )
+        if not own.is_file():
+            raise DataError(
+                f"{own} not found: the data {submission} was made for has no truth to score against"
+            )
+        truth = str(own)
+    images = Path(truth).parent / (record["test_dir"] if record else DataConfig().test_dir)
+    out = Path(f"{submission}.score.json")
+    if own is not None and Path(truth).resolve() != own.resolve():
+        out = Path(f"{submission}.vs-{Path(truth).resolve().parent.name}.score.json")
+        print(f"note: {submission} was made for {own.parent}; its score against {truth} goes to {out}")
+    return Path(truth), images, out
 
 
 @cli
@@ -188,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "submission", nargs="?", default="", help="binary: a submission CSV (default: the newest one)"
     )
-    p.add_argument("--truth", default="data/demo/test_a_mask.csv", help="binary: truth CSV (name<TAB>rle)")
+    p.add_argument("--truth", default="", help="binary: truth CSV (default: the submission's own data's)")
     p.add_argument("--size", default="", help="binary: tile size, 512 or HxW (default: measured)")
     p.add_argument("--pred-dir", default="", help="class-id PNGs written by python -m pipeline.infer.predict")
     p.add_argument("--data", default="", help="with --pred-dir: the data folder holding the truth")
@@ -201,10 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.footprints:
         return _main_footprints(a)
     a.submission = str(latest_submission(a.submission))
+    truth, images, out = _truth_of(a.submission, a.truth)
     # The one rule validate uses: measured on a tile the truth lists (test_a/ beside it), never assumed.
-    shape = tile_shape(a.size, a.truth, Path(a.truth).parent / DataConfig().test_dir)
-    result = score_submission(a.submission, a.truth, shape)
-    out = write_score(result, a.submission)
+    shape = tile_shape(a.size, truth, images)
+    result = score_submission(a.submission, truth, shape)
+    atomic_write_text(out, json.dumps(result, indent=1))
     print(format_report(result["metrics"]))
     print(
         f"competition Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  "

@@ -2,7 +2,8 @@
 
     python -m pipeline.infer.submit [--run runs/<run>] [--data DIR] [--tta none|flip|d4] [--out submissions/]
 
-Reads ``runs/<run>/manifest.yaml`` (checkpoints, TTA set, threshold, minimum component area),
+Reads ``runs/<run>/manifest.yaml`` (checkpoints, TTA set, threshold, minimum component area; a
+blend's runs with their weights and TTA sets, see ``make blend``),
 predicts the test tiles in the order of the sample submission, averages probabilities over TTA and
 folds, thresholds, removes small components, RLE-encodes, writes
 ``submissions/<run>-<tta>-<timestamp>.csv`` atomically, validates it, and scores it when ground
@@ -22,20 +23,25 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import ConfigError, DataConfig, InferConfig
+from pipeline.core.config import ConfigError, DataConfig, InferConfig, TrainConfig
 from pipeline.core.device import pick_device
 from pipeline.core.errors import cli
-from pipeline.core.io import atomic_write, check_writable, remove_stale_temps
-from pipeline.core.progress import progress
+from pipeline.core.io import atomic_write, check_free_space, check_writable, remove_stale_temps
+from pipeline.core.progress import phase, progress
 from pipeline.core.tta import TTA_SETS
 from pipeline.data import DataError, rle
 from pipeline.data.images import image_size
 from pipeline.data.layouts import read_source
-from pipeline.infer.ensemble import MAX_IMAGES, iter_predictions, load_ensemble
+from pipeline.infer.ensemble import MAX_IMAGES, iter_predictions, load_ensemble, with_tta
 from pipeline.infer.score import score_submission, write_score
 from pipeline.infer.validate import validate_submission
 from pipeline.metrics import postprocess
-from pipeline.runs.manifest import Manifest, latest_run, load_manifest, run_data_config
+from pipeline.runs.folder import write_submission_record
+from pipeline.runs.manifest import Manifest, check_tile, latest_run, load_manifest, run_data_config
+
+# Room a submission may need per tile: the longest RLE row of the 448 real train masks is 57 KB (their mean
+# is 13 KB), so 64 KB per tile bounds a submission of any real data set.
+RLE_BYTES_PER_TILE = 64 * 1024
 
 
 @dataclass
@@ -61,24 +67,59 @@ def predict_and_encode(
     batch_size: int = InferConfig.batch_size,
     num_workers: int = DataConfig.num_workers,
     max_images: int = MAX_IMAGES,
+    amp: str = TrainConfig.amp,
 ) -> list[tuple[str, str]]:
     """(name, rle) for every tile of ``split`` in order: the hot path of ``make submit``.
 
     Post-processing and RLE encoding run in a thread pool while the next batch is on the device
     (cv2 and numpy release the GIL), so they overlap the forward passes instead of following them.
+    ``amp`` is the run's ``train.amp``: the precision its OOF pass, and so its threshold, used.
     """
     encoded: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         batches = iter_predictions(
-            models, split, tta, device, batch_size, num_workers, threshold=threshold, max_images=max_images
+            models,
+            split,
+            tta,
+            device,
+            batch_size,
+            num_workers,
+            threshold=threshold,
+            max_images=max_images,
+            amp=amp,
         )
-        bar = progress(len(split), "submit", unit="tile")
-        for names, masks in batches:
-            for n, m in zip(names, masks):
-                encoded[n] = pool.submit(_encode, m, min_area)
-            bar.update(len(names))
-        bar.close()
-        return [(n, encoded[n].result()) for n in split.names]
+        # Open before the first batch: worker start-up and a first forward of minutes on a CPU are
+        # covered by its heartbeat lines (pipeline.core.progress), as is the wait for the last encodes.
+        with progress(len(split), f"submit ({tta} TTA)", unit="tile") as bar:
+            for names, masks in batches:
+                for n, m in zip(names, masks):
+                    encoded[n] = pool.submit(_encode, m, min_area)
+                bar.update(len(names))
+            return [(n, encoded[n].result()) for n in split.names]
+
+
+def tta_label(manifest: Manifest, tta: str) -> str:
+    """The TTA part of a submission's name: ``per-run`` for a blend whose runs keep TTA sets of their own
+    that differ from ``tta`` (see :class:`pipeline.infer.ensemble.BlendMember`), else ``tta``."""
+    own = {m.tta for m in manifest.members if m.weight > 0}
+    return "per-run" if manifest.members and tta == manifest.infer.tta and own != {tta} else tta
+
+
+def _record(manifest: Manifest, data: DataConfig, tta: str, tiles: int) -> dict[str, Any]:
+    """What a submission was made from: ``make score`` finds its own data's truth here."""
+    return {
+        "run": manifest.name,
+        "run_dir": str(manifest.run_dir),
+        "data_root": str(data.root),
+        "test_dir": data.test_dir,
+        "sample_csv": data.sample_csv,
+        "test_mask_csv": data.test_mask_csv,
+        "tta": tta,
+        "threshold": manifest.infer.threshold,
+        "min_area": manifest.infer.min_area,
+        "tiles": tiles,
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def make_submission(
@@ -103,8 +144,15 @@ def make_submission(
     source = read_source(data, with_train=False)
     if source.test is None or not len(source.test):
         raise DataError(f"no test tiles in {data.root}/{data.test_dir} (sample: {data.sample_csv})")
+    shape = image_size(source.test.image_paths[0])  # check_data guarantees every tile has this size
+    check_tile(manifest, shape)  # before any model is loaded: a min_area above the tile empties every mask
+    check_free_space(
+        out_dir, len(source.test) * RLE_BYTES_PER_TILE, f"a submission of {len(source.test)} tiles"
+    )
     dev = pick_device(device)
-    models, _ = load_ensemble(manifest, dev)
+    if tta:  # asked for: every run of a blend predicts with it, not only those of the blend's own set
+        manifest = with_tta(manifest, tta)
+    models, run_cfg = load_ensemble(manifest, dev)
     tta_name = tta or manifest.infer.tta
     rows = predict_and_encode(
         models,
@@ -116,15 +164,16 @@ def make_submission(
         batch_size or manifest.infer.batch_size,
         num_workers,
         manifest.infer.max_images,
+        run_cfg.train.amp,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(out_dir) / f"{manifest.name}-{tta_name}-{stamp}.csv"
+    path = Path(out_dir) / f"{manifest.name}-{tta_label(manifest, tta_name)}-{stamp}.csv"
     with atomic_write(path, "w") as f:
         f.writelines(f"{n}\t{r}\n" for n, r in rows)
     result = SubmissionResult(path, len(rows), sum(1 for _, r in rows if not r), time.time() - t0)
+    write_submission_record(path, _record(manifest, data, tta_name, len(rows)))
 
     sample = Path(data.root) / data.sample_csv
-    shape = image_size(source.test.image_paths[0])  # check_data guarantees every tile has this size
     problems = validate_submission(path, sample if sample.is_file() else None, shape)
     if problems:
         raise DataError(f"{path} failed validation:\n  " + "\n  ".join(problems))
@@ -151,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_writable(a.out)  # before the data check, which takes a while on 30k tiles
     from pipeline.data.check import require_clean
 
-    require_clean(data, train=False)
-    result = make_submission(manifest, data, a.out, a.tta, a.device, a.batch_size, a.workers)
+    with phase(f"submit {manifest.name}"):  # a line at least every minute in a log, whatever runs
+        require_clean(data, train=False)
+        result = make_submission(manifest, data, a.out, a.tta, a.device, a.batch_size, a.workers)
     print(
         f"submission: {result.path}  ({result.rows} tiles, {result.empty} empty masks, "
         f"{result.seconds:.1f}s) - validated OK"

@@ -13,7 +13,7 @@ computed once per (threshold, image) and every min_area is derived from the comp
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,6 +31,7 @@ __all__ = [
     "binarize",
     "mean_dice_at",
     "remove_small_components",
+    "search_extending",
     "search_threshold",
 ]
 
@@ -275,6 +276,97 @@ def best_of(thresholds: Sequence[float], min_areas: Sequence[int], mean_dice: np
     best = int(np.argmax(table["dice"].to_numpy()))  # first maximum in grid order
     row = table.iloc[best]
     return SearchResult(float(row["threshold"]), int(row["min_area"]), float(row["dice"]), table)
+
+
+# How far the search may widen a grid whose best value sits at its edge. Thresholds: probabilities are
+# uint8 (1/255 steps), so the range stops a little inside (0, 1). Areas double until a cap (the tile's area).
+THRESHOLD_RANGE = (0.01, 0.99)
+MAX_WIDENINGS = 3  # streamed passes over the OOF files after the first; each widens every edge still hit
+
+
+def widen_thresholds(grid: Sequence[float], best: float) -> list[float]:
+    """New thresholds past the edge of ``grid`` where ``best`` sits, at the grid's own step, up to as
+    many as the grid has and inside :data:`THRESHOLD_RANGE`; none when ``best`` is inside the grid."""
+    values = sorted({float(t) for t in grid})
+    lo, hi = THRESHOLD_RANGE
+    step = min(np.diff(values)) if len(values) > 1 else 0.05
+    if best <= values[0] and values[0] - step >= lo - 1e-9:
+        new = [round(values[0] - k * step, 6) for k in range(1, len(values) + 1)]
+        return sorted(t for t in new if t >= lo - 1e-9)
+    if best >= values[-1] and values[-1] + step <= hi + 1e-9:
+        new = [round(values[-1] + k * step, 6) for k in range(1, len(values) + 1)]
+        return sorted(t for t in new if t <= hi + 1e-9)
+    return []
+
+
+def widen_min_areas(grid: Sequence[int], best: int, max_area: int) -> list[int]:
+    """Larger minimum areas (doubling, below ``max_area``) when ``best`` is the largest of ``grid`` and
+    not 0; none otherwise (0, removing nothing, is the lower end of the range)."""
+    top = max(int(a) for a in grid)
+    if best < top or top <= 0:
+        return []
+    return [a for a in (top * 2, top * 4, top * 8) if a < max_area]
+
+
+Counter = Callable[[list[tuple[list[float], list[int]]]], list[np.ndarray]]
+
+
+def search_extending(
+    count: Counter,
+    thresholds: Sequence[float],
+    min_areas: Sequence[int],
+    max_area: int,
+    extra: Sequence[tuple[float, int]] = (),
+) -> tuple[SearchResult, dict[tuple[float, int], np.ndarray], list[str]]:
+    """The best (threshold, min_area) of a grid that widens where its best value sits at an edge.
+
+    Args:
+        count: one streamed pass over the predictions: for each (thresholds, min_areas) grid given,
+            the per-image Dice float64 [T, M, N] (e.g. :meth:`GridCounts.dice` of a pass over OOF files).
+        thresholds, min_areas: the starting grid (``infer.thresholds`` x ``infer.min_areas``).
+        max_area: widened min-areas stay below it (a tile's pixel count: a larger one removes everything).
+        extra: cells counted in the first pass as well (e.g. (0.5, 0), the untuned rule).
+
+    Returns:
+        (result over the final grid, per-image Dice [N] of every counted cell, notes saying what was
+        widened and why). While the best threshold is the lowest or highest of the grid, or the best
+        min-area the largest, the grid is widened (:func:`widen_thresholds`, :func:`widen_min_areas`) and
+        the new cells counted in one more pass, at most :data:`MAX_WIDENINGS` times: an optimum at the
+        edge of a grid is usually past it.
+    """
+    thr, areas = sorted({float(t) for t in thresholds}), sorted({int(a) for a in min_areas})
+    first_t = sorted({*thr, *(float(t) for t, _ in extra)})
+    first_a = sorted({*areas, *(int(a) for _, a in extra)})
+    cells = _cells(first_t, first_a, count([(first_t, first_a)])[0])
+    notes: list[str] = []
+    for passes in range(MAX_WIDENINGS + 1):
+        result = best_of(thr, areas, np.array([[cells[t, a].mean() for a in areas] for t in thr]))
+        new_t = widen_thresholds(thr, result.threshold)
+        new_a = widen_min_areas(areas, result.min_area, max_area)
+        if passes == MAX_WIDENINGS or not (new_t or new_a):
+            break
+        if new_t:
+            notes.append(
+                f"the best threshold {result.threshold:g} was at the edge of the grid "
+                f"{thr[0]:g}..{thr[-1]:g}: searched {min(new_t):g}..{max(new_t):g} too"
+            )
+        if new_a:
+            notes.append(
+                f"the best min_area {result.min_area} was the largest of the grid: "
+                f"searched {', '.join(map(str, new_a))} too"
+            )
+        grids = [(new_t, areas + new_a)] if new_t else []
+        grids += [(thr, new_a)] if new_a else []
+        for (gt, ga), dice in zip(grids, count(grids)):
+            cells |= _cells(gt, ga, dice)
+        thr, areas = sorted({*thr, *new_t}), sorted({*areas, *new_a})
+    return result, cells, notes
+
+
+def _cells(
+    thresholds: list[float], min_areas: list[int], dice: np.ndarray
+) -> dict[tuple[float, int], np.ndarray]:
+    return {(t, a): dice[i, j] for i, t in enumerate(thresholds) for j, a in enumerate(min_areas)}
 
 
 def search_threshold(

@@ -392,7 +392,11 @@ def _check_mask(logits: Tensor, mask: Tensor) -> Tensor:
 # Binary vs multi-class is decided by model.classes; the key is the task, the value builds the module.
 LOSSES: dict[str, Callable[[LossConfig], nn.Module]] = {
     "binary": lambda loss_cfg: BCEDiceLoss(
-        loss_cfg.ce_weight, loss_cfg.dice_weight, loss_cfg.ignore_index, lovasz_weight=loss_cfg.lovasz_weight
+        loss_cfg.ce_weight,
+        loss_cfg.dice_weight,
+        loss_cfg.ignore_index,
+        per_image=loss_cfg.dice_per_image in (True, "auto"),  # auto: per image for binary runs
+        lovasz_weight=loss_cfg.lovasz_weight,
     ),
     "multiclass": lambda loss_cfg: CEDiceLoss(
         loss_cfg.ce_weight, loss_cfg.dice_weight, loss_cfg.ignore_index

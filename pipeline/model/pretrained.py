@@ -180,12 +180,12 @@ def weights_command(cfg: ModelConfig) -> str:
 
 
 def offline_message(cfg: ModelConfig, problem: str) -> str:
-    """One line: which weights, what went wrong (``problem``), and both fixes."""
+    """One line: which weights, what went wrong (``problem``), and both fixes as commands to type."""
     out = default_weights_file(cfg)
     return (
         f"model.encoder_weights={cfg.encoder_weights}: {problem}; train from scratch with "
-        f"model.encoder_weights=null, or run `{weights_command(cfg)}` on a machine with internet, copy "
-        f"{out} here and set model.encoder_weights={out}"
+        f'`make train ARGS="model.encoder_weights=null"`, or run `{weights_command(cfg)}` on a machine with '
+        f'internet, copy {out} here and train with `make train ARGS="model.encoder_weights={out}"`'
     )
 
 

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 32  # every registered architecture down-samples by 32 (encoder depth 5)
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.")  # ImageNet classification heads
 # DeepLabV3+ ASPP dilation rates per output stride (Chen et al. 2018): doubled when the stride halves,
 # so the receptive fields stay the same in input pixels.
 ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18)}
@@ -170,7 +171,8 @@ def _align_keys(state: dict[str, Tensor], target_keys: set[str]) -> dict[str, Te
 def load_encoder_weights(
     encoder: nn.Module, state: dict[str, Tensor] | str | Path, name: str | None = None
 ) -> tuple[int, int]:
-    """Load a state dict (or a file holding one) into ``encoder``; return (missing, unexpected) counts.
+    """Load a state dict (or a file holding one) into ``encoder``; returns (tensors loaded, head tensors
+    dropped).
 
     ``name``: the encoder's name (``model.encoder``); a file that names another encoder (``make weights``
     files and buildseg checkpoints do) is a :class:`ConfigError`: a resnet50 file never half-loads into
@@ -178,13 +180,25 @@ def load_encoder_weights(
 
     Linear weights whose target is a convolution of the same size are reshaped (FCN "convolutionalised"
     fc6/fc7: torchvision VGG16's [4096, 25088] ``classifier.0.weight`` becomes the [4096, 512, 7, 7]
-    fc6 convolution). Missing keys keep their random init and are logged; a tensor whose shape does not
-    match, or a file sharing no key with the encoder, is an error that names the keys.
+    fc6 convolution). Every tensor of the encoder must come from the file and every tensor of the file
+    must go to the encoder, apart from an ImageNet classification head (:data:`HEAD_PREFIXES`, dropped):
+    a missing or unexpected tensor (a resnet34 file into a resnet18 shares every resnet18 key), a shape
+    that does not match, or a file sharing no key with the encoder is an error naming counts and keys.
     """
     source = str(state) if isinstance(state, (str, Path)) else "state dict"
     if isinstance(state, (str, Path)):
         state = _read_state_dict(Path(state).expanduser(), name)
-    own = encoder.state_dict()
+    matched, dropped = _fit_state(encoder.state_dict(), state, source, name)
+    encoder.load_state_dict(matched, strict=False)
+    log.info("loaded %d encoder tensors from %s (%d head tensors dropped)", len(matched), source, dropped)
+    return len(matched), dropped
+
+
+def _fit_state(
+    own: dict[str, Tensor], state: dict[str, Tensor], source: str, name: str | None
+) -> tuple[dict[str, Tensor], int]:
+    """The file's tensors keyed and shaped for the encoder whose state dict is ``own`` (real or on the meta
+    device), and the count of head tensors dropped; every mismatch of :func:`load_encoder_weights` raised."""
     state = _align_keys(state, set(own))
     matched: dict[str, Tensor] = {}
     mismatched = []
@@ -215,24 +229,27 @@ def load_encoder_weights(
             f"(file keys look like {list(state)[:3]}, encoder keys like {list(own)[:3]}); "
             "save it with torch.save(model.encoder.state_dict(), path)"
         )
-    missing = sorted(set(own) - set(matched))
-    unexpected = sorted(set(state) - set(own))
-    encoder.load_state_dict(matched, strict=False)
-    log.info(
-        "loaded %d encoder tensors from %s (%d missing, %d unexpected)",
-        len(matched),
-        source,
-        len(missing),
-        len(unexpected),
-    )
-    if missing:
-        log.warning(
-            "encoder weights %s: %d tensors missing, left at random init, e.g. %s",
-            source,
-            len(missing),
-            missing[:5],
+    # num_batches_tracked is a counter, not a learned value: files saved by other libraries often lack it.
+    missing = sorted(k for k in set(own) - set(matched) if not k.endswith("num_batches_tracked"))
+    # A classification head (fc, classifier, head) is in every ImageNet file and in no encoder: dropped.
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(HEAD_PREFIXES))
+    if missing or unexpected:
+        parts = (
+            [f"{len(missing)} of its {len(own)} tensors are not in the file (e.g. {missing[:3]})"]
+            if missing
+            else []
         )
-    return len(missing), len(unexpected)
+        parts += (
+            [f"{len(unexpected)} tensors of the file are not in it (e.g. {unexpected[:3]})"]
+            if unexpected
+            else []
+        )
+        raise ConfigError(
+            f"encoder weights {source} do not fit the {name or 'model'} encoder: {' and '.join(parts)}; "
+            f"a file of another encoder? Save one with `make weights ENCODER={name or '<encoder>'}` (or "
+            "set model.encoder to the file's encoder)"
+        )
+    return matched, len(set(state) - set(own))
 
 
 # ----------------------------------------------------------------------------- architecture builders
@@ -419,8 +436,11 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(
             f"model.arch={cfg.model.arch} model.encoder={cfg.model.encoder} cannot be built: {first}"
         ) from None
-    if local:
-        _read_state_dict(Path(str(weights)).expanduser(), cfg.model.encoder)
+    if local:  # the file against the encoder's keys and shapes, still on the meta device
+        path = Path(str(weights)).expanduser()
+        with torch.device("meta"):
+            own = build_arch(cfg.model, pretrained=False).encoder.state_dict()
+        _fit_state(own, _read_state_dict(path, cfg.model.encoder), str(path), cfg.model.encoder)
     elif weights is not None:
         require_pretrained(cfg.model)
 

@@ -85,6 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ModelConfig, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, out = parse_args(argv)
     check_request(cfg, out)
+    if out.exists():  # never replaced without a word (a file of another encoder may be in use)
+        print(f"note: replacing {out}", file=sys.stderr)
     state = save_encoder_weights(cfg, out)
     print(
         f"{out}: {cfg.encoder} {cfg.encoder_weights} encoder weights, {len(state)} tensors; copy it to the "

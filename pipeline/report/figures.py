@@ -318,9 +318,10 @@ def threshold_curve(
         if len(row):
             y = float(row["dice"].iloc[0])
             ax.scatter([chosen_threshold], [y], marker="*", s=200, color="k", zorder=4)
-            # In the title, not beside the star: a label there collides with the curves.
+            # In the title, not beside the star (a label there collides with the curves), on a line of
+            # its own: on one line the title ran past the figure's right edge.
             title += (
-                f"; chosen (star): threshold {chosen_threshold:.2f}, min_area {chosen_min_area}, Dice {y:.4f}"
+                f"\nchosen (star): threshold {chosen_threshold:.2f}, min_area {chosen_min_area}, Dice {y:.4f}"
             )
     ax.set_xlabel("threshold")
     ax.set_ylabel("OOF mean Dice")
@@ -368,4 +369,47 @@ def agreement_heatmap(agreement: pd.DataFrame) -> Figure:
     ax.set_yticks(range(k), agreement.index, fontsize=8)
     ax.set_title("agreement between folds (mean per-tile Dice)", fontsize=9)
     fig.colorbar(im, ax=ax)
+    return fig
+
+
+def blend_summary(
+    runs: Sequence[str],
+    dice: Sequence[float | None],
+    weights: Sequence[float],
+    blend: float,
+    nested: float | None = None,
+) -> Figure:
+    """A blend (``make blend``) beside its runs: OOF Dice, and the weights it chose.
+
+    Args:
+        runs: the runs' names [R]. dice: each run's OOF Dice at its own tuned threshold [R] (None: not
+            recorded). weights: the blend's weight of each run [R]. blend: the blend's in-sample OOF Dice.
+        nested: its nested OOF Dice (weights and threshold chosen on the other folds), if computed.
+    Returns:
+        Figure with 2 axes: Dice bars (runs grey, blend in-sample blue, nested light blue, values written
+        above), and weight bars.
+    """
+    labels = [*runs, "blend\nin-sample", *(["blend\nnested"] if nested is not None else [])]
+    values = [np.nan if d is None else float(d) for d in dice] + [
+        blend,
+        *([nested] if nested is not None else []),
+    ]
+    colors = ["tab:gray"] * len(runs) + ["tab:blue", "lightskyblue"][: len(labels) - len(runs)]
+    fig, axes = _figure(1, 2, (max(3.0, 0.9 * len(labels) + 1.0), 3.2))
+    a0, a1 = axes[0]
+    x = np.arange(len(labels))
+    a0.bar(x, np.nan_to_num(values), color=colors)
+    for i, v in enumerate(values):
+        text, y = ("-", 0.0) if np.isnan(v) else (f"{v:.4f}", v)
+        a0.text(i, y, text, ha="center", va="bottom", fontsize=7)
+    known = [v for v in values if not np.isnan(v)]
+    a0.set_ylim(max(0.0, min(known) - 0.05) if known else 0.0, min(1.0, max(known, default=1.0) + 0.03))
+    a0.set_xticks(x, labels, fontsize=7)
+    a0.set_title("OOF Dice: each run (its own threshold) and the blend", fontsize=9)
+    a1.bar(np.arange(len(runs)), weights, color="tab:blue")
+    for i, w in enumerate(weights):
+        a1.text(i, w, f"{w:g}", ha="center", va="bottom", fontsize=7)
+    a1.set_xticks(np.arange(len(runs)), list(runs), fontsize=7)
+    a1.set_ylim(0, 1.1)
+    a1.set_title("blend weights", fontsize=9)
     return fig

@@ -4,7 +4,9 @@
 
 Writes into ``--out``: ``data_fractions.png``, ``data_examples.png`` (the data), ``folds.png``,
 ``learning_curves.png``, ``threshold_curve.png``, ``oof_dice_histogram.png``, ``worst_tiles.png`` and
-``building_outlines.png`` (the run; buildings outlined by their IoU >= 0.5 match: TP, FP, FN). Every
+``building_outlines.png`` (the run; buildings outlined by their IoU >= 0.5 match: TP, FP, FN). For a
+blend (``make blend``): ``blend.png`` (each run's OOF Dice beside the blend's, and the weights) and
+``threshold_curve.png`` (the blended OOF's search). Every
 figure comes from :mod:`pipeline.report.figures` (or ``outlines``, ``pipeline.train.curve``), as in the
 notebooks, so the
 two cannot drift apart. ``--data`` defaults to the data folder in the run's config.
@@ -24,7 +26,7 @@ from pipeline.core.errors import cli
 from pipeline.core.io import save_figure
 from pipeline.data.layouts import read_source
 from pipeline.report import analysis, figures, outlines
-from pipeline.runs.manifest import run_data_config
+from pipeline.runs.manifest import Manifest, load_manifest, read_search, run_data_config
 from pipeline.runs.run import load_run
 from pipeline.train import curve
 
@@ -43,6 +45,8 @@ def write_report(
         data_cfg: the data to score OOF predictions against; None = the run's own data section.
         out_dir: where the PNGs go; None = ``<run_dir>/report``.
     """
+    if (Path(run_dir) / "manifest.yaml").is_file() and (blend := load_manifest(run_dir)).members:
+        return write_blend_report(blend, out_dir)
     run = load_run(run_dir)
     data_cfg = data_cfg or run_data_config(run.path)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
@@ -74,6 +78,26 @@ def write_report(
             ),
         ]
     return [save_figure(make(), out / f"{name}.png") for name, make in makers]
+
+
+def write_blend_report(manifest: Manifest, out_dir: str | Path | None = None) -> list[Path]:
+    """A blend's PNGs, from its manifest and search table alone: ``blend.png``, ``threshold_curve.png``."""
+    out = Path(out_dir) if out_dir is not None else manifest.run_dir / "report"
+    names = [Path(m.run).name for m in manifest.members]
+    own = manifest.oof.get("runs") or {}
+    summary = figures.blend_summary(
+        names,
+        [own.get(n) for n in names],
+        [m.weight for m in manifest.members],
+        float(manifest.oof.get("oof_dice", float("nan"))),
+        manifest.oof.get("oof_dice_nested"),
+    )
+    paths = [save_figure(summary, out / "blend.png")]
+    search = read_search(manifest.run_dir)
+    if search is not None:
+        curve = figures.threshold_curve(search, manifest.infer.threshold, manifest.infer.min_area)
+        paths.append(save_figure(curve, out / "threshold_curve.png"))
+    return paths
 
 
 @cli

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.io import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.core.config import config_changes
+from pipeline.core.io import CheckpointError, load_checkpoint, load_yaml, save_checkpoint
 
 StateDict = dict[str, Any]
 
@@ -97,6 +98,25 @@ def read_best(path: str | Path, map_location: Any = "cpu") -> BestCheckpoint:
 def read_last(path: str | Path, map_location: Any = "cpu") -> LastCheckpoint:
     """Read a ``last.pt``; a missing, cut, crafted or foreign file is a :class:`CheckpointError`."""
     return _read(Path(path), LastCheckpoint, map_location)
+
+
+def check_run_config(path: str | Path, ckpt: BestCheckpoint | LastCheckpoint) -> None:
+    """Refuse a checkpoint whose config is not its run's: ``fold<k>/best.pt`` must have been trained with
+    ``<run>/config.yaml`` (the fold and the inference settings aside). A best.pt of another architecture
+    copied into a run folder would otherwise be ensembled, or a fold of another recipe averaged in,
+    without a word. A checkpoint outside a run folder (no config.yaml two levels up) is not checked."""
+    path = Path(path)
+    saved = path.parent.parent / "config.yaml"
+    if not saved.is_file():
+        return
+    changes = config_changes(load_yaml(saved) or {}, ckpt.config)
+    if changes:
+        raise CheckpointError(
+            f"{path} was trained with another config than {saved} ({'; '.join(changes[:5])}); a run's folds "
+            "share one config. Move that fold's folder out of the run and retrain it (make train FOLDS=k); "
+            "to ensemble runs on purpose, blend them (make blend) or list their checkpoints in a "
+            "manifest.yaml of their own"
+        )
 
 
 def set_postprocessing(path: str | Path, threshold: float, min_area: int) -> None:

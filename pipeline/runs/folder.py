@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.core.config import (
     config_changes,
 )
-from pipeline.core.io import HOST, load_yaml, pid_alive
+from pipeline.core.io import HOST, atomic_write_text, load_yaml, pid_alive
 from pipeline.runs import RunError
 
 
@@ -38,6 +38,35 @@ def latest_submission(path: str | Path = "", folder: str | Path = "submissions")
     if not found:
         raise FileNotFoundError(f"no submission (*.csv) in {folder}/; run `make submit` first")
     return found[-1]
+
+
+def record_path(csv: str | Path) -> Path:
+    """Where a submission's record lives: ``<csv>.json`` beside it."""
+    return Path(f"{csv}.json")
+
+
+def write_submission_record(csv: str | Path, record: dict[str, Any]) -> Path:
+    """What a submission was made from (run, data, post-processing), written by ``make submit`` beside it:
+    ``make score`` scores it against its own data's truth, ``make runs`` lists it under its run."""
+    path = record_path(csv)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return path
+
+
+def read_submission_record(csv: str | Path) -> dict[str, Any] | None:
+    """The record of :func:`write_submission_record`, or None for a submission without one."""
+    path = record_path(csv)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(
+            f"{path} is not readable JSON ({e}); delete it, or write the submission again"
+        ) from None
+    if not isinstance(record, dict):
+        raise RunError(f"{path} must hold a JSON object; delete it, or write the submission again")
+    return record
 
 
 # ----------------------------------------------------------------------------- who owns a run folder
@@ -130,9 +159,10 @@ def prepare_run_dir(
 
     * ``force``: it is moved aside to ``<run>.old-<time>/`` (returned), and the new run starts afresh;
     * ``resume=False`` (``--no-resume``, ``RESUME=0``): refused, naming ``name=`` and ``--force``;
-    * resuming: the config must be the run's ``config.yaml`` except the inference-only settings
-      (:data:`pipeline.core.config.RESUME_FREE`), else refused with the differences (this also keeps
-      ``FOLDS=1`` with another config from joining the folds of the first).
+    * resuming: the config must be the run's ``config.yaml`` except the inference settings and how the
+      model is computed (:data:`pipeline.core.config.RESUME_FREE`; a change of precision, layout or
+      compile is said in a note), else refused with the differences (this also keeps ``FOLDS=1`` with
+      another config from joining the folds of the first).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
@@ -151,7 +181,15 @@ def prepare_run_dir(
         )
     saved = run_dir / "config.yaml"
     old = load_yaml(saved) if saved.is_file() else {}
-    changes = config_changes(old if isinstance(old, dict) else {}, config)
+    old = old if isinstance(old, dict) else {}
+    changes = config_changes(old, config)
+    computed = [c for c in config_changes(old, config, ignore=("infer",)) if c not in changes]
+    if computed and not changes:
+        print(
+            f"note: resuming {run_dir} with {'; '.join(computed)}: how the model is computed may change on a "
+            "resume (its weights, optimiser state and folds carry over)",
+            file=sys.stderr,
+        )
     if changes:
         shown = "; ".join(changes[:8]) + (f"; ... ({len(changes)} in all)" if len(changes) > 8 else "")
         raise RunError(

@@ -13,9 +13,10 @@ the loop only between two steps (:class:`StopRequest`).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -26,7 +27,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.core import tta
 from pipeline.core.config import Config
-from pipeline.core.device import Dist, all_reduce_sum, autocast_ctx, resolve_workers
+from pipeline.core.device import (
+    Dist,
+    all_reduce_sum,
+    autocast_ctx,
+    grad_scaler,
+    resolve_channels_last,
+    resolve_workers,
+)
 from pipeline.core.errors import BuildsegError
 from pipeline.core.progress import progress
 from pipeline.data.dataset import IMAGE, INDEX, MASK, SegDataset, Split, build_transforms
@@ -92,7 +100,15 @@ def make_loader(
         drop_last=sampler is not None,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=workers > 0,  # forking workers every (sub-second) epoch would idle the GPU
+        worker_init_fn=leave_group_signals_to_main if workers > 0 else None,
     )
+
+
+def leave_group_signals_to_main(worker_id: int) -> None:
+    """In a DataLoader worker: a process group of its own. ``timeout`` and Ctrl-C signal the whole group; a
+    worker killed by it ended the run in a traceback, unsaved. Not by ignoring SIGTERM: the loader and
+    multiprocessing stop workers with it at exit, and a process whose workers ignored it hung there."""
+    os.setpgid(0, 0)
 
 
 @dataclass
@@ -190,6 +206,28 @@ class FoldData:
     val_loader: DataLoader
 
 
+def check_fold_sizes(
+    cfg: Config, folds_df: pd.DataFrame, folds: Sequence[int], world: int, n_pseudo: int = 0
+) -> None:
+    """Refuse folds that cannot train before anything is written: each fold needs validation tiles and,
+    per process, at least one batch of training tiles (its sampler's ``ceil(n / world)``)."""
+    counts = folds_df["fold"].value_counts()
+    for fold in folds:
+        n_val = int(counts.get(fold, 0))
+        n_train = len(folds_df) - n_val + n_pseudo
+        if not n_val or not n_train:
+            raise TrainingError(
+                f"fold {fold} has {n_train} training and {n_val} validation tiles; "
+                f"folds.csv has folds {sorted(counts.index.tolist())}"
+            )
+        per_process = -(-n_train // world)
+        if per_process < cfg.train.batch_size:
+            raise TrainingError(
+                f"fold {fold}: {per_process} training tiles per process is less than one batch of "
+                f"{cfg.train.batch_size}; lower train.batch_size (at most {per_process})"
+            )
+
+
 def fold_data(
     cfg: Config, source: Source, folds_df: pd.DataFrame, fold: int, d: Dist, device: torch.device
 ) -> FoldData:
@@ -214,11 +252,6 @@ def fold_data(
     )
     val_ds = SegDataset(val_split, build_transforms(cfg.aug, False, crop, ignore))
     sampler = ResumableSampler(train_ds, d, seed=cfg.train.seed + fold)
-    if len(sampler) < cfg.train.batch_size:
-        raise TrainingError(
-            f"fold {fold}: {len(train_split)} training tiles per process is less than one batch of "
-            f"{cfg.train.batch_size}; lower train.batch_size"
-        )
     shard = val_ds
     if d.world > 1:  # each rank validates its own tiles; sums are all-reduced (no tile counts twice)
         shard = SegDataset(val_split.subset(range(d.rank, len(val_split), d.world)), val_ds.transform)
@@ -254,7 +287,7 @@ class TrainStep:
     ):
         self.model, self.fwd, self.loss_fn, self.optimizer = model, fwd, loss_fn, optimizer
         self.scaler, self.ema, self.cfg, self.device = scaler, ema, cfg, device
-        self.channels_last = device.type == "cuda" and cfg.train.channels_last
+        self.channels_last = resolve_channels_last(device, cfg.train.channels_last)
         # Step counter on the device: creating a tensor from a host int each step would sync.
         self.step = torch.zeros((), dtype=torch.int64, device=device)  # set to the global step on resume
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
@@ -309,11 +342,13 @@ def build_training(
 ) -> TrainStep:
     """Model, loss, AdamW (no weight decay on norms and biases), fp16 scaler, EMA, DDP and compile wrappers.
 
-    The one place a training step is assembled: ``train_fold`` and the benchmarks share it.
+    The one place a training step is assembled: ``train_fold`` and the benchmarks share it. Precision,
+    channels_last and compile follow ``cfg.train`` on any device (:func:`pipeline.core.device.resolve_amp`):
+    the GPU recipe runs on CPU too when asked, so its code paths are tested without a GPU.
     """
     d = d or Dist()
     model = build_model(cfg, pretrained=pretrained).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
+    if resolve_channels_last(device, cfg.train.channels_last):
         model = model.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -326,7 +361,7 @@ def build_training(
         lr=cfg.optim.lr,
         fused=device.type == "cuda",
     )
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.train.amp == "fp16" else None
+    scaler = grad_scaler(device, cfg.train.amp)
     ema = None
     if cfg.train.ema > 0:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -352,9 +387,12 @@ def in_last_epochs(epoch: int, n: int, cfg: Config) -> bool:
 
 
 @torch.no_grad()
-def update_bn(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str) -> None:
+def update_bn(
+    model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str, desc: str = ""
+) -> None:
     """Recompute the BatchNorm running statistics of ``model`` (an average of weights, whose own
-    statistics are stale) as the exact mean over one pass of ``loader`` (batches of uint8 images)."""
+    statistics are stale) as the exact mean over one pass of ``loader`` (batches of uint8 images);
+    ``desc`` names its progress lines (rank 0)."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = {m: m.momentum for m in bns}
     for m in bns:
@@ -362,9 +400,12 @@ def update_bn(model: torch.nn.Module, loader: DataLoader, device: torch.device, 
         m.momentum = None  # cumulative average over the pass, not an exponential one
     was_training = model.training
     model.train()
-    for batch in loader:
-        with autocast_ctx(device, amp):
-            model(batch[IMAGE].to(device, non_blocking=True))
+    with progress(len(loader), desc, unit="batch") if desc else contextlib.nullcontext() as bar:
+        for batch in loader:
+            with autocast_ctx(device, amp):
+                model(batch[IMAGE].to(device, non_blocking=True))
+            if bar is not None:
+                bar.update(1)
     for m in bns:
         m.momentum = momenta[m]
     model.train(was_training)
@@ -380,6 +421,7 @@ def evaluate(
     d: Dist,
     tta_name: str = "none",
     sink: Callable[[list[int], np.ndarray], None] | None = None,
+    desc: str = "",
 ) -> dict[str, float]:
     """Validation loss, competition Dice (mean per image, empty/empty = 1) and IoU at threshold 0.5.
 
@@ -390,13 +432,15 @@ def evaluate(
     mean Dice, all from one confusion matrix (see :data:`MONITORS` for the selection key). Sums are
     all-reduced over ranks. ``sink(indices, arrays)``, if given, receives each batch's dataset indices
     and uint8 [B, H, W] maps (``round(p * 255)`` binary, class ids multi-class): the out-of-fold file is
-    written batch by batch, never held whole.
+    written batch by batch, never held whole. ``desc`` (rank 0 only) names a progress phase: a pass of
+    minutes on a CPU prints its lines like training does.
     """
     model.eval()
     binary = cfg.model.classes == 1
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, dice, iou, n
     k = max(2, cfg.model.classes)
     cm = torch.zeros(k, k, dtype=torch.int64, device=device)
+    bar = progress(len(loader), desc, unit="batch") if desc else None
     for batch in loader:
         x = batch[IMAGE].to(device, non_blocking=True)
         y = batch[MASK].to(device, non_blocking=True)
@@ -431,17 +475,23 @@ def evaluate(
         if sink is not None:
             out = (probs[:, 0] * 255).round().to(torch.uint8) if binary else pred.to(torch.uint8)
             sink(batch[INDEX].tolist(), out.cpu().numpy())
-    all_reduce_sum(sums, d)
-    all_reduce_sum(cm, d)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return _metrics(all_reduce_sum(sums, d), all_reduce_sum(cm, d).cpu().numpy(), binary)
+
+
+def _metrics(sums: torch.Tensor, cm: np.ndarray, binary: bool) -> dict[str, float]:
+    """:func:`evaluate`'s result from its sums (loss * n, Dice, IoU, n) and confusion matrix [K, K]."""
     n = max(1.0, float(sums[3]))
     metrics = {"val_loss": float(sums[0]) / n}
-    cm_np = cm.cpu().numpy()
     if binary:
         metrics["val_dice"] = float(sums[1]) / n
         metrics["val_iou"] = float(sums[2]) / n
-        metrics["val_acc"] = float(pixel_accuracy(cm_np))
+        metrics["val_acc"] = float(pixel_accuracy(cm))
     else:
-        cmm = all_metrics(cm_np)
+        cmm = all_metrics(cm)
         metrics["val_miou"] = cmm["mean_iou"]
         metrics["val_acc"] = cmm["pixel_accuracy"]
         metrics["val_mean_acc"] = cmm["mean_pixel_accuracy"]

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from pipeline.core import progress
 from pipeline.core.config import Config, config_changes, load_config, run_name, save_config, to_dict
 from pipeline.core.device import (
     Dist,
@@ -49,15 +49,14 @@ from pipeline.core.device import (
 from pipeline.core.errors import cli
 from pipeline.core.io import remove_stale_temps
 from pipeline.core.schedule import lr_at
-from pipeline.data.dataset import IMAGE, MASK, SegDataset, load_pseudo_labels
+from pipeline.data.dataset import IMAGE, MASK, load_pseudo_labels
 from pipeline.data.folds import folds_hash, resolve_folds, save_folds
 from pipeline.data.layouts import Source, check_source, read_source
 from pipeline.model.losses import build_loss
 from pipeline.model.registry import check_model
-from pipeline.runs.checkpoint import BestCheckpoint, LastCheckpoint, read_best, read_last, write_checkpoint
+from pipeline.runs.checkpoint import BestCheckpoint, LastCheckpoint, read_last, write_checkpoint
 from pipeline.runs.folder import prepare_run_dir, run_lock
 from pipeline.runs.history import monitor_key, write_metrics
-from pipeline.runs.oof import OOF_KEYS, oof_writer
 from pipeline.train import tune
 from pipeline.train.curve import draw_curve
 from pipeline.train.engine import (
@@ -67,15 +66,17 @@ from pipeline.train.engine import (
     TrainingError,
     TrainStep,
     build_training,
+    check_fold_sizes,
     evaluate,
     fold_data,
     in_last_epochs,
-    make_loader,
     progress_bar,
     save_on_signal,
     step_seed,
     update_bn,
 )
+from pipeline.train.oofpass import write_oof
+from pipeline.train.plan import Eta, make_plan, schedule_warnings
 
 __all__ = ["FoldResult", "TrainingError", "main", "run", "train_fold", "write_oof"]
 
@@ -103,6 +104,7 @@ class FoldTrainer:
         self, cfg: Config, source: Source, folds_df: pd.DataFrame, fold: int, run_dir: Path, d: Dist
     ):
         self.cfg, self.fold, self.d = cfg, fold, d
+        self.eta: Eta | None = None  # the run's measured rate and ETA (train_fold sets it)
         self.device = pick_device(cfg.train.device, d)
         seed_everything(cfg.train.seed + fold, cfg.train.deterministic)
         self.fold_dir = run_dir / f"fold{fold}"
@@ -161,7 +163,7 @@ class FoldTrainer:
         if s.swa is not None and state.swa:
             s.swa.load_state_dict(state.swa)
         self.prog = FoldProgress.from_state(state.progress)
-        if self.d.main:
+        if self.d.main and not self.prog.stopped(self.cfg):  # a finished fold says so in fit()
             print(
                 f"fold {self.fold}: resuming at epoch {self.prog.epoch + 1}, step {self.prog.step_in_epoch} "
                 f"({self.last_path})"
@@ -232,16 +234,26 @@ class FoldTrainer:
             prog.partial_loss = (0.0, 0)  # live in loss_sum/n_steps until saved
             if prog.step_in_epoch % 10 == 0 or prog.step_in_epoch == self.steps_per_epoch:
                 self.step.check_finite(self.fold, epoch)  # one host sync per 10 steps, not per step
-                if bar is not None:
-                    last = prog.history[-1][self.monitor] if prog.history else float("nan")
-                    bar.set_postfix(loss=f"{float(self.loss_sum) / self.n_steps:.4f}", val=f"{last:.4f}")
+                if bar is not None:  # the first epoch has no validation score yet: none is shown
+                    val = {"val": f"{prog.history[-1][self.monitor]:.4f}"} if prog.history else {}
+                    bar.set_postfix(loss=f"{float(self.loss_sum) / self.n_steps:.4f}", **val)
             if bar is not None:
                 bar.update(1)
+            if self.eta is not None and self.d.main:
+                for line in self.eta.after_step(self.fold, epoch, prog.step_in_epoch):
+                    print(line, flush=True)
             self.honour_stop(sync=prog.step_in_epoch % 10 == 0 or prog.step_in_epoch == self.steps_per_epoch)
         if bar is not None:
             bar.close()
         self.step.check_finite(self.fold, epoch)  # never checkpoint a model that saw a non-finite loss
         return self.loss_sum, self.n_steps
+
+    def validate(self, model: torch.nn.Module, what: str) -> dict[str, float]:
+        """Validation metrics of ``model``; rank 0's progress lines say ``fold k <what> validation``."""
+        desc = f"fold {self.fold} {what} validation" if self.d.main else ""
+        return evaluate(
+            model, self.data.val_loader, self.step.loss_fn, self.cfg, self.device, self.d, desc=desc
+        )
 
     def end_epoch(self, epoch: int, t0: float) -> None:
         """Validate, record the row, keep the best weights, checkpoint, log."""
@@ -251,9 +263,10 @@ class FoldTrainer:
         if self.step.swa is not None and in_last_epochs(epoch, self.cfg.train.swa_epochs, self.cfg):
             self.step.swa.update_parameters(self.step.model)
         broadcast_buffers(self.eval_model, d)  # the ranks validate the model rank 0 saves
-        metrics = evaluate(self.eval_model, self.data.val_loader, self.step.loss_fn, self.cfg, self.device, d)
+        metrics = self.validate(self.eval_model, f"epoch {epoch + 1}")
         lr = self.step.optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics, "lr": lr, "seconds": time.time() - t0}
+        seconds = progress.clock() - t0
+        row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics, "lr": lr, "seconds": seconds}
         prog.history.append(row)
         score = metrics[self.monitor]
         improved = score > prog.best_score
@@ -268,10 +281,11 @@ class FoldTrainer:
         if d.main:
             draw_curve(self.fold_dir, write_metrics(self.fold_dir, prog.history), self.monitor)
             name = self.monitor.removeprefix("val_")
+            eta = f", {self.eta.after_epoch(self.fold, epoch, seconds)}" if self.eta is not None else ""
             print(
-                f"fold {self.fold} epoch {epoch + 1}: loss {train_loss:.4f} "
+                f"fold {self.fold} epoch {epoch + 1}/{self.cfg.train.epochs}: loss {train_loss:.4f} "
                 f"val_loss {metrics['val_loss']:.4f} "
-                f"{name} {score:.4f}{' *' if improved else ''} ({row['seconds']:.1f}s)",
+                f"{name} {score:.4f}{' *' if improved else ''} ({seconds:.1f}s{eta})",
                 flush=True,
             )
 
@@ -295,7 +309,7 @@ class FoldTrainer:
             with save_on_signal() as self.stop:
                 while not self.prog.stopped(self.cfg):
                     self.honour_stop(sync=True)
-                    t0 = time.time()
+                    t0 = progress.clock()
                     epoch = self.prog.epoch
                     self.train_epoch(epoch)
                     self.end_epoch(epoch, t0)
@@ -335,9 +349,10 @@ class FoldTrainer:
         data.train_ds.set_epoch(prog.epoch)
         data.sampler.set_epoch(prog.epoch)
         data.sampler.skip = 0
-        update_bn(swa.module, data.train_loader, self.device, self.cfg.train.amp)
+        bn_pass = f"fold {self.fold} SWA BatchNorm pass" if self.d.main else ""
+        update_bn(swa.module, data.train_loader, self.device, self.cfg.train.amp, bn_pass)
         broadcast_buffers(swa.module, self.d)
-        metrics = evaluate(swa.module, data.val_loader, self.step.loss_fn, self.cfg, self.device, self.d)
+        metrics = self.validate(swa.module, "SWA")
         prog.swa_score = metrics[self.monitor]
         kept = prog.swa_score > prog.best_score
         if kept:
@@ -365,41 +380,19 @@ def train_fold(
     run_dir: Path,
     d: Dist,
     resume: bool = True,
+    eta: Eta | None = None,
 ) -> FoldResult:
     """Train one fold (resuming from ``last.pt`` when asked and present), then write its OOF file."""
     trainer = FoldTrainer(cfg, source, folds_df, fold, run_dir, d)
+    trainer.eta = eta
     trainer.begin(resume)
     trainer.fit()
     barrier(d)
     oof_path = None
     if d.main:
-        oof_path = write_oof(
-            cfg,
-            trainer.eval_model,
-            trainer.data.val_ds,
-            trainer.best_path,
-            trainer.fold_dir / "oof.npz",
-            trainer.device,
-        )
+        oof_path = write_oof(cfg, trainer.eval_model, trainer.data.val_ds, trainer.fold_dir, trainer.device)
     barrier(d)
     return trainer.result(oof_path)
-
-
-def write_oof(
-    cfg: Config, model: torch.nn.Module, val_ds: SegDataset, best_path: Path, out: Path, device: torch.device
-) -> Path:
-    """Predict the fold's validation tiles with its best weights and the submission's TTA -> ``oof.npz``.
-
-    ``oof.npz`` holds ``names`` str [N] and, for binary runs, ``probs`` uint8 [N, H, W]
-    (``round(p * 255)``); for multi-class runs ``labels`` uint8 [N, H, W] (argmax class ids).
-    """
-    if not best_path.is_file():
-        raise TrainingError(f"{best_path} was never written (no epoch ran?)")
-    model.load_state_dict(read_best(best_path, map_location=device).model)
-    loader = make_loader(val_ds, cfg, device)
-    with oof_writer(out, val_ds.split.names, OOF_KEYS[cfg.model.classes == 1]) as write:
-        evaluate(model, loader, None, cfg, device, Dist(), tta_name=cfg.infer.tta, sink=write)
-    return out
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -416,17 +409,19 @@ def run(cfg: Config, folds: Sequence[int] | None = None, resume: bool = True, fo
     """
     check_model(cfg)
     d = init_distributed(cfg.train.device)
+    pick_device(cfg.train.device, d)  # a device this machine lacks is refused before any folder is made
     run_dir = Path(cfg.train.runs_dir) / run_name(cfg)
-    with run_lock(run_dir) if d.main else contextlib.nullcontext():
+    quiet = contextlib.nullcontext()  # the other ranks: rank 0 owns the run folder and speaks for the run
+    with run_lock(run_dir) if d.main else quiet, progress.phase(f"train {run_dir.name}") if d.main else quiet:
         if d.main:
             from pipeline.data.check import require_clean
             from pipeline.data.masks import cache_dir
 
+            require_clean(cfg.data, train=True, test=False)  # before FORCE=1 moves an old run aside
             removed = remove_stale_temps(run_dir) + remove_stale_temps(cache_dir())
             if removed:
                 print(f"note: removed {len(removed)} temp files of killed writes ({removed[0]}, ...)")
             prepare_run_dir(run_dir, to_dict(cfg), resume=resume, force=force)
-            require_clean(cfg.data, train=True, test=False)
         barrier(d)  # the other ranks read the run folder once rank 0 has settled it
         _train_run(cfg, folds, resume or force, run_dir, d)
     close_distributed(d)
@@ -445,12 +440,19 @@ def _train_run(cfg: Config, folds: Sequence[int] | None, resume: bool, run_dir: 
     bad = [f for f in todo if not 0 <= f < n_folds]
     if bad:
         raise TrainingError(f"folds {bad} do not exist; folds.csv has folds 0..{n_folds - 1}")
+    n_pseudo = len(source.pseudo.names) if source.pseudo is not None else 0
+    check_fold_sizes(cfg, folds_df, todo, d.world, n_pseudo)  # every check passes before the first write
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")  # infer.* may have changed since the run began
         save_folds(run_dir / "folds.csv", folds_df)
+    plan = make_plan(cfg, folds_df, todo, d.world, str(pick_device(cfg.train.device, d)), n_pseudo)
+    if d.main:  # before the first step: what the run will do, and settings that defeat themselves
+        for line in plan.lines() + schedule_warnings(cfg, plan.steps[todo[0]]):
+            print(line, flush=True)
+    eta = Eta(plan)
     for f in todo:
-        train_fold(cfg, source, folds_df, f, run_dir, d, resume=resume)
+        train_fold(cfg, source, folds_df, f, run_dir, d, resume=resume, eta=eta)
     if d.main:
         tuned = tune.tune_run(cfg, source, run_dir)
         print(tune.format_table(tuned))

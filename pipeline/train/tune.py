@@ -21,24 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import Config, ConfigError, config_changes, load_config, to_dict
+from pipeline.core.config import Config, ConfigError, load_config
 from pipeline.core.errors import BuildsegError, cli
-from pipeline.core.io import (
-    load_yaml,
-    remove_stale_temps,
-)
-from pipeline.core.progress import progress
+from pipeline.core.io import CheckpointError, remove_stale_temps, transaction
+from pipeline.core.progress import phase, progress
 from pipeline.data import DataError
 from pipeline.data.dataset import build_transforms
 from pipeline.data.layouts import Source, read_source
 from pipeline.data.masks import release_pages
 from pipeline.metrics import postprocess
 from pipeline.metrics.pixel import confusion_matrix, mean_iou, pixel_accuracy
-from pipeline.runs.checkpoint import read_best, set_postprocessing
+from pipeline.runs.checkpoint import check_run_config, read_best, set_postprocessing
 from pipeline.runs.folder import run_lock
 from pipeline.runs.history import best_scores, monitor_key
 from pipeline.runs.manifest import Manifest, latest_run, write_manifest, write_search
-from pipeline.runs.oof import OOF_KEYS, oof_chunks, oof_files
+from pipeline.runs.oof import OOF_KEYS, oof_chunks, oof_files, oof_names
 
 
 class TuneError(BuildsegError, RuntimeError):
@@ -53,39 +50,62 @@ def iter_oof(run_dir: Path, source: Source, binary: bool) -> Iterator[tuple[int,
     files = oof_files(run_dir)
     if not files:
         raise TuneError(f"no out-of-fold files in {run_dir}; train at least one fold (make train)")
-    bar = progress(None, f"tune {run_dir.name}", unit="tile")
-    for fold, path in files.items():
-        for names, arr in oof_chunks(path, OOF_KEYS[binary]):
-            try:
-                truths = source.train.select(names, f"OOF tiles of {path}: is DATA the run's data?").masks
-            except DataError as e:
-                raise TuneError(str(e)) from None
-            yield fold, arr, truths
-            release_pages(source.train.masks)  # a scan of every mask must not keep them resident
-            bar.update(len(names))
-    bar.close()
+    total = sum(len(oof_names(p)) for p in files.values())
+    with progress(total, f"tune {run_dir.name}: a pass over the OOF maps", unit="tile") as bar:
+        for fold, path in files.items():
+            for names, arr in oof_chunks(path, OOF_KEYS[binary]):
+                try:
+                    truths = source.train.select(names, f"OOF tiles of {path}: is DATA the run's data?").masks
+                except DataError as e:
+                    raise TuneError(str(e)) from None
+                if binary and np.shape(truths)[1:] != arr.shape[1:]:  # multi-class OOF may be crops
+                    raise TuneError(
+                        f"{path}: the OOF maps are {arr.shape[1]}x{arr.shape[2]} but the masks of "
+                        f"{source.train.image_paths[0].parent} are "
+                        f"{np.shape(truths)[1]}x{np.shape(truths)[2]}; is DATA the data the run was trained "
+                        "on? (make tune RUN=... DATA=<its data>)"
+                    )
+                yield fold, arr, truths
+                release_pages(source.train.masks)  # a scan of every mask must not keep them resident
+                bar.update(len(names))
+
+
+def _counter(run_dir: Path, source: Source, folds: list[int]) -> postprocess.Counter:
+    """One streamed pass over the run's OOF files per call, counting every grid asked for at once;
+    ``folds`` is filled with the fold of each tile on the first pass."""
+
+    def count(grids: list[tuple[list[float], list[int]]]) -> list[np.ndarray]:
+        tallies = [postprocess.GridCounts(t, a) for t, a in grids]
+        try:
+            n = 0
+            for fold, probs, truths in iter_oof(run_dir, source, binary=True):
+                for tally in tallies:
+                    tally.add(probs, np.asarray(truths), first=n)
+                n += len(probs)
+                if len(folds) < n:
+                    folds.extend([fold] * len(probs))
+            return [tally.dice() for tally in tallies]
+        finally:
+            for tally in tallies:
+                tally.close()
+
+    return count
 
 
 def tune_binary(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
-    """Search threshold and min component area on every fold's OOF file; write the search table.
+    """Search threshold and min component area on every fold's OOF file; the table is in ``search``.
 
-    The counts cover the grid plus (0.5, 0), so Dice at the untuned rule comes from the same pass.
+    The grid is ``infer.thresholds`` x ``infer.min_areas``, widened where its best value sits at an edge
+    (:func:`pipeline.metrics.postprocess.search_extending`, one more streamed pass each time). The first
+    pass also counts (0.5, 0), so Dice at the untuned rule comes from the same pass.
     """
-    thr = sorted({*cfg.infer.thresholds, 0.5})
-    areas = sorted({*cfg.infer.min_areas, 0})
     folds: list[int] = []
-    with postprocess.GridCounts(thr, areas) as counts:
-        for fold, probs, truths in iter_oof(run_dir, source, binary=True):
-            counts.add(probs, np.asarray(truths), first=len(folds))
-            folds += [fold] * len(probs)
-        dice = counts.dice()  # [T', M', N]
+    tile_area = int(np.prod(source.train.masks[0].shape))
+    result, cells, notes = postprocess.search_extending(
+        _counter(run_dir, source, folds), cfg.infer.thresholds, cfg.infer.min_areas, tile_area, [(0.5, 0)]
+    )
     folds_arr = np.asarray(folds)
-    ti = [thr.index(float(t)) for t in cfg.infer.thresholds]
-    ai = [areas.index(int(m)) for m in cfg.infer.min_areas]
-    result = postprocess.best_of(cfg.infer.thresholds, cfg.infer.min_areas, dice[np.ix_(ti, ai)].mean(axis=2))
-    write_search(run_dir, result.table)
-    at_half = dice[thr.index(0.5), areas.index(0)]
-    tuned = dice[thr.index(result.threshold), areas.index(result.min_area)]
+    at_half, tuned = cells[0.5, 0], cells[result.threshold, result.min_area]
     rows = {
         int(k): {
             "n": int((folds_arr == k).sum()),
@@ -101,6 +121,8 @@ def tune_binary(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
         "oof_dice@0.5": float(at_half.mean()),
         "per_fold": rows,
         "n_oof": len(folds),
+        "widened": notes,
+        "search": result.table,  # written with the manifest, in one transaction
     }
 
 
@@ -132,27 +154,21 @@ def tune_multiclass(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any
     }
 
 
-def check_members(cfg: Config, run_dir: Path, ckpts: Sequence[str]) -> None:
-    """Raise :class:`TuneError` unless every checkpoint was trained with the run's config (``config.yaml``),
-    the fold and the inference settings aside: a fold of another config must not join the ensemble
-    unnoticed. Listing such checkpoints in ``manifest.yaml`` by hand makes an explicit ensemble."""
-    saved = load_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else to_dict(cfg)
+def check_members(run_dir: Path, ckpts: Sequence[str]) -> None:
+    """Raise unless every checkpoint was trained with the run's config (:func:`check_run_config`): a fold
+    of another config must not join the ensemble unnoticed."""
     for c in ckpts:
-        changes = config_changes(saved, read_best(run_dir / c).config)
-        if changes:
-            raise TuneError(
-                f"{run_dir / c} was trained with another config than {run_dir / 'config.yaml'} "
-                f"({'; '.join(changes[:5])}); a run's folds share one config. Move that fold's folder out "
-                "of the run and retrain it (make train FOLDS=k); to ensemble runs on purpose, list their "
-                "checkpoints by hand in a manifest.yaml"
-            )
+        try:
+            check_run_config(run_dir / c, read_best(run_dir / c))
+        except CheckpointError as e:
+            raise TuneError(str(e)) from None
 
 
 def publish(cfg: Config, run_dir: Path, tuned: dict[str, Any]) -> Path:
     """Write the ensemble description ``make submit`` reads (editable by hand) and the tuned values into
     every listed ``best.pt``. Only checkpoints of the run's config are listed (:func:`check_members`)."""
     ckpts = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("fold*/best.pt"))
-    check_members(cfg, run_dir, ckpts)
+    check_members(run_dir, ckpts)
     threshold = tuned["threshold"] if tuned["threshold"] is not None else cfg.infer.threshold
     min_area = tuned["min_area"] if tuned["min_area"] is not None else cfg.infer.min_area
     manifest = Manifest(
@@ -161,11 +177,14 @@ def publish(cfg: Config, run_dir: Path, tuned: dict[str, Any]) -> Path:
         infer=dataclasses.replace(cfg.infer, threshold=threshold, min_area=min_area),
         classes=cfg.model.classes,
         data_root=cfg.data.root,
-        oof={k: v for k, v in tuned.items() if k not in ("threshold", "min_area")},
+        oof={k: v for k, v in tuned.items() if k not in ("threshold", "min_area", "search")},
     )
-    path = write_manifest(manifest)
-    for c in ckpts:
-        set_postprocessing(run_dir / c, threshold, min_area)
+    with transaction(run_dir):  # the search table, the manifest and every best.pt change together, or none
+        if tuned.get("search") is not None:  # binary runs
+            write_search(run_dir, tuned["search"])
+        path = write_manifest(manifest)
+        for c in ckpts:
+            set_postprocessing(run_dir / c, threshold, min_area)
     return path
 
 
@@ -198,6 +217,7 @@ def format_table(tuned: dict[str, Any]) -> str:
         f" all {tuned['n_oof']:>6} {'':>14}  {tuned['oof_dice@0.5']:12.4f}  {tuned['oof_dice']:14.4f}"
     )
     lines.append(f"threshold {tuned['threshold']:.2f}, min_area {tuned['min_area']}")
+    lines += [f"note: {n}" for n in tuned.get("widened", [])]
     return "\n".join(lines)
 
 
@@ -215,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise TuneError(f"{run_dir / 'config.yaml'} not found: {run_dir} is not a trained run (make train)")
     cfg = load_config(run_dir / "config.yaml", [*a.overrides, *([f"data.root={a.data}"] if a.data else [])])
-    with run_lock(run_dir):  # not while a make train of this run writes it
+    with run_lock(run_dir), phase(f"tune {run_dir.name}"):  # not while a make train of this run writes it
         remove_stale_temps(run_dir)
         tuned = tune_run(cfg, read_source(cfg.data, with_test=False), run_dir)
     print(format_table(tuned))

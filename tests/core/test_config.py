@@ -1,4 +1,5 @@
-"""Config: YAML round trip, overrides, strict keys, checkpoint-safe dicts."""
+"""Config: YAML round trip, overrides, strict keys, checkpoint-safe dicts, range checks, and the shipped
+recipes: each builds its model and holds what its comments promise."""
 
 from pathlib import Path
 
@@ -49,6 +50,114 @@ def test_to_dict_is_plain_builtins():
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+# What each recipe's comments (and the README) promise, as ``section.key: value``.
+PROMISES: dict[str, dict[str, object]] = {
+    "default.yaml": {  # U-Net/ResNet34, BCE+Dice, AdamW + warm-up + cosine, D4, 5 folds, D4 TTA, 200 epochs
+        "model.arch": "Unet",
+        "model.encoder": "resnet34",
+        "model.encoder_weights": "imagenet",
+        "model.classes": 1,
+        "loss.ce_weight": 0.5,
+        "loss.dice_weight": 0.5,
+        "optim.schedule": "cosine",
+        "aug.d4": True,
+        "data.n_folds": 5,
+        "infer.tta": "d4",
+        "train.epochs": 200,
+    },
+    "demo.yaml": {  # README: U-Net/ResNet18, 2 folds, 6 epochs, flip TTA, on CPU, no download
+        "model.arch": "Unet",
+        "model.encoder": "resnet18",
+        "model.encoder_weights": None,
+        "train.device": "cpu",
+        "data.n_folds": 2,
+        "train.epochs": 6,
+        "infer.tta": "flip",
+    },
+    "unet-vgg16.yaml": {  # binary U-Net with a VGG16 encoder, CE + Dice
+        "model.arch": "Unet",
+        "model.encoder": "vgg16",
+        "model.classes": 1,
+        "loss.ce_weight": 0.5,
+        "loss.dice_weight": 0.5,
+    },
+    "fcn8s-voc.yaml": {  # VOC: 21 classes, 255 borders ignored, crops of 320, softmax CE only, no D4
+        "model.arch": "FCN8s",
+        "model.encoder": "vgg16",
+        "model.encoder_weights": None,
+        "model.classes": 21,
+        "loss.ignore_index": 255,
+        "loss.ce_weight": 1.0,
+        "loss.dice_weight": 0.0,
+        "data.layout": "voc",
+        "data.crop_size": 320,
+        "aug.d4": False,
+        "infer.tta": "none",
+    },
+    "deeplabv3plus-cityscapes.yaml": {  # 19 evaluated classes, void 255, OS 16, ResNet50, no vertical flips
+        "model.arch": "DeepLabV3Plus",
+        "model.encoder": "resnet50",
+        "model.output_stride": 16,
+        "model.classes": 19,
+        "loss.ignore_index": 255,
+        "data.layout": "cityscapes",
+        "data.colormap_json": "colormap.json",
+        "aug.d4": False,
+        "infer.tta": "none",
+    },
+    "baseline-fcn.yaml": {  # 0.8 BCE + 0.2 Dice, AdamW 1e-4, 20 epochs, threshold 0.5, no TTA, no search
+        "model.arch": "FCN8s",
+        "model.encoder": "vgg16",
+        "model.classes": 1,
+        "loss.ce_weight": 0.8,
+        "loss.dice_weight": 0.2,
+        "optim.lr": 1e-4,
+        "train.epochs": 20,
+        "infer.tta": "none",
+        "infer.threshold": 0.5,
+        "infer.thresholds": (0.5,),
+        "infer.min_areas": (0,),
+    },
+}
+
+
+def test_every_shipped_recipe_states_its_promises():
+    assert sorted(PROMISES) == [p.name for p in CONFIGS]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_build_their_model_and_keep_their_promises(path, network):
+    """``check_model`` builds each recipe's network on the meta device (no memory, no download); named
+    weights are looked up in the (empty) caches and their host asked once, here through the ``network``
+    stub, which answers. Weights of null ask nothing."""
+    from pipeline.model.registry import check_model
+
+    network.reachable = True
+    cfg = load_config(path)
+    check_model(cfg)
+    assert len(network) == (cfg.model.encoder_weights is not None), list(network)
+    got = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in PROMISES[path.name]}
+    assert got == PROMISES[path.name]
+
+
+def test_unet_vgg16_differs_from_the_default_recipe_only_where_it_says():
+    """Its comment: the same folds, loss, augmentation, OOF search and TTA as default.yaml."""
+    from pipeline.core.config import config_changes
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    default, vgg = (to_dict(load_config(root / name)) for name in ("default.yaml", "unet-vgg16.yaml"))
+    changed = config_changes(default, vgg, ignore=())  # infer.* included
+    keys = sorted(c.split(":")[0] for c in changed)
+    assert keys == [
+        "data.num_workers",
+        "model.encoder",
+        "model.encoder_weights",
+        "name",
+        "optim.lr",
+        "train.epochs",
+    ], changed
 
 
 def test_unknown_key_suggests_the_closest():
@@ -176,3 +285,11 @@ def test_all_problems_at_once_and_inference_changes_are_free():
     ]
     base["train"].pop("runs_dir")  # a key added after a run was saved is no change
     assert config_changes(base, to_dict(Config()), ignore=()) == []
+    # How the model is computed is free too (a dotted key in RESUME_FREE), the rest of train.* is not.
+    fast = to_dict(load_config(None, ["train.amp=fp16", "train.channels_last=true", "train.compile=true"]))
+    assert config_changes(base, fast) == []
+    assert config_changes(base, fast, ignore=("infer",)) == [
+        "train.amp: 'auto' -> 'fp16'",
+        "train.channels_last: 'auto' -> True",
+        "train.compile: False -> True",
+    ]

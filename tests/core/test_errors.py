@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.core import launch
 from pipeline.core.config import ConfigError, save_config
 from pipeline.core.errors import cli, os_error_message
 from pipeline.data import check, demo, folds
 from pipeline.geo import tiling
-from pipeline.infer import predict, scenes, score, submit
+from pipeline.infer import footprints, predict, pseudo, scenes, score, submit
 from pipeline.infer import validate as validate_mod
 from pipeline.model import weights
 from pipeline.report import write
@@ -224,6 +225,27 @@ CASES: dict[str, Callable] = {
     ),
     "report no run": lambda c, d, t: (write.main, [str(t / "nowhere")], "not found"),
     "weights unknown encoder": lambda c, d, t: (weights.main, ["--encoder", "resnet43"], "did you mean"),
+    "pseudo no run": lambda c, d, t: (pseudo.main, ["--run", str(t / "nowhere")], "not found"),
+    "score PNGs without data": lambda c, d, t: (
+        score.main,
+        ["--pred-dir", str(t)],
+        "--pred-dir needs --data",
+    ),
+    "score footprints against a CSV": lambda c, d, t: (
+        score.main,
+        ["--footprints", str(t / "b.gpkg"), "--truth", str(d / "test_a_mask.csv")],
+        "--footprints needs --truth",
+    ),
+    "footprints unknown output suffix": lambda c, d, t: (
+        footprints.main,
+        ["--mask", str(t / "mask.tif"), "--out", str(t / "b.shp")],
+        r"\.shp",
+    ),
+    "launch node rank past the nodes": lambda c, d, t: (
+        launch.main,
+        ["--nodes", "2", "--node-rank", "5", "--", "-m", "pipeline.train"],
+        "NODE_RANK='5' with NODES=2",
+    ),
 }
 
 
@@ -238,6 +260,12 @@ def test_every_entry_point_turns_a_bad_input_into_one_message(case, tiny_cfg, de
     assert code == 2, err
     assert "Traceback" not in err and "error: " in err, err
     assert pd.Series([err]).str.contains(fragment).all(), err
+    # One message: one "error:" line (notes may come before it; a list of problems follows it, indented).
+    lines = err.splitlines()
+    first = next(i for i, line in enumerate(lines) if "error: " in line)
+    assert all(line.startswith(" ") for line in lines[first + 1 :]) and "error: " not in " ".join(
+        lines[first + 1 :]
+    ), err
 
 
 def test_check_data_reports_instead_of_raising(tmp_path, capsys):

@@ -163,7 +163,8 @@ def test_disk_full_leaves_target_unchanged_and_no_temp_file(tmp_path, monkeypatc
     fail(monkeypatch)
     with pytest.raises(OSError) as e:
         atomic_write_bytes(target, b"a.jpg\t1 3\n" * 10_000)
-    assert e.value.errno == errno.ENOSPC  # the real error reaches the caller
+    assert e.value.errno == errno.ENOSPC  # the real error reaches the caller...
+    assert e.value.filename == str(target)  # ...naming the file it was writing (the OS names none)
     monkeypatch.undo()
     assert (target.read_bytes() == OLD) if existed else not target.exists()
     assert leftovers(tmp_path, target) == []
@@ -253,9 +254,30 @@ def test_truncated_checkpoint_says_so(tmp_path: Path, keep: float, legacy: bool)
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     msg = str(e.value)
-    assert "truncated or corrupt" in msg and str(path) in msg and "resume from the previous one" in msg
+    assert "truncated or corrupt" in msg and str(path) in msg and "resume from the previous one" not in msg
+    assert "delete it and run the same make train again: the fold restarts from its first epoch" in msg
     # One clear error, not a chained unpickling traceback.
     assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)
+
+
+@pytest.mark.parametrize("protocol", [0, 4, 5])
+def test_a_crafted_raw_pickle_of_any_protocol_is_refused_not_called_corrupt(
+    tmp_path: Path, protocol: int
+) -> None:
+    """Protocols 0, 4 and 5 use opcodes the safe loader does not know: torch says "Unsupported operand",
+    which used to be reported as a truncated file."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "best.pt"
+    path.write_bytes(
+        pickle.dumps({**_state(), "model": {"w": _Payload(os.system, (f"touch {marker}",))}}, protocol)
+    )
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert "was refused" in msg and "nothing in it was run" in msg and "corrupt" not in msg
+    assert "weights_only" not in msg and not marker.exists()
 
 
 @pytest.mark.parametrize(
@@ -322,3 +344,52 @@ def _figure():
     fig = Figure(figsize=(2, 2))
     fig.subplots().plot([0, 1], [1, 0])
     return fig
+
+
+# ----------------------------------------------------------------------------- transactions
+
+_KILLED_TRANSACTION = """
+import os, sys
+from pathlib import Path
+from pipeline.core import io as pio
+folder, when = Path(sys.argv[1]), sys.argv[2]
+if when == "committing":  # killed after the journal is written, between two renames
+    real = os.replace
+    def replace(a, b):
+        real(a, b)
+        os._exit(9)
+    pio.os.replace = replace
+with pio.transaction(folder):
+    for name in ("a.txt", "b.txt", "c.txt"):
+        pio.atomic_write_text(folder / name, "new")
+    if when == "writing":
+        os._exit(9)  # killed before the commit
+"""
+
+
+@pytest.mark.parametrize("when, expected", [("writing", "old"), ("committing", "new")])
+def test_a_killed_transaction_leaves_all_old_or_all_new_files(
+    tmp_path: Path, when: str, expected: str
+) -> None:
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text("old")
+    done = subprocess.run([sys.executable, "-c", _KILLED_TRANSACTION, str(tmp_path), when], cwd=ROOT)
+    assert done.returncode == 9
+    pio.remove_stale_temps(tmp_path)  # what the next stage reading the folder does
+    assert [(tmp_path / n).read_text() for n in ("a.txt", "b.txt", "c.txt")] == [expected] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt"]  # no temp, no journal
+
+
+def test_an_error_inside_a_transaction_replaces_nothing(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt), pio.transaction(tmp_path):
+        pio.atomic_write_text(tmp_path / "a.txt", "new")
+        pio.atomic_write_text(tmp_path / "b.txt", "new")
+        raise KeyboardInterrupt  # Ctrl-C before the commit
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old"
+    )
+    with pio.transaction(tmp_path):
+        pio.atomic_write_text(tmp_path / "a.txt", "new")
+        assert (tmp_path / "a.txt").read_text() == "old"  # nothing moves until the commit
+    assert (tmp_path / "a.txt").read_text() == "new"

@@ -187,3 +187,38 @@ def test_multi_scale_averages_the_scales_by_hand() -> None:
     x = torch.zeros(1, 3, 32, 32)
     out = predict_tta(by_size, x, tta="ms", activation="none")
     torch.testing.assert_close(out, torch.full((1, 1, 32, 32), (24 + 32 + 40) / 3))
+
+
+@pytest.mark.parametrize("tta", list(TTA_SETS))
+def test_max_images_bounds_the_pixels_of_every_forward_in_every_set(tta: str) -> None:
+    """d4_ms makes 1.25-scale views (640 px for a 512 px tile): counted in images, one forward of 32 of
+    them held 1.56 x the pixels the bound promised (10.9 GB against 5.6 GB for d4 at 512 px on CPU).
+    Counted in pixels of the input's size, no forward of any set exceeds it, and the result is the same."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+    pixels: list[int] = []
+
+    def model_fn(v: torch.Tensor) -> torch.Tensor:
+        pixels.append(v.shape[0] * v.shape[-2] * v.shape[-1])
+        return conv(v)
+
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        whole = predict_tta(model_fn, x, tta)
+        pixels.clear()
+        capped = predict_tta(model_fn, x, tta, max_images=4)
+    assert max(pixels) <= 4 * 32 * 32
+    views = TTA_SETS[tta]
+    assert sum(pixels) == sum(5 * round(32 * t.scale) ** 2 for t in views)  # every view of every tile once
+    torch.testing.assert_close(capped, whole)
+
+
+def test_a_view_larger_than_the_bound_still_runs_one_image_at_a_time() -> None:
+    sizes: list[int] = []
+
+    def model_fn(v: torch.Tensor) -> torch.Tensor:
+        sizes.append(v.shape[0])
+        return v[:, :1]
+
+    predict_tta(model_fn, torch.rand(3, 3, 16, 16), "ms", activation="none", max_images=1)
+    assert sizes == [1, 1, 1, 1, 1, 1, 1, 1, 1]  # 0.75 x 0.75 of a tile fits once; 1.25^2 is > 1

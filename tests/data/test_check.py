@@ -438,3 +438,16 @@ def test_non_square_tiles_set_the_expected_size(tmp_path: Path) -> None:
     report = check_dataset(root, DataConfig())
     assert [(p.code, p.where) for p in report.errors] == [("wrong-size", "test_a/s1.jpg")], report.format()
     assert "tile is 64x64 (HxW) but 48x64 is expected" in report.errors[0].what
+
+
+def test_a_missing_train_folder_is_one_error_not_one_per_mask(tmp_path):
+    """Every row used to be reported as running past the end of a 0x0 tile."""
+    from pipeline.data.demo import generate
+
+    root = generate(tmp_path / "d", n_train=8, n_test=2, size=64, seed=0)
+    shutil.rmtree(root / "train")
+    report = check_dataset(root)
+    assert [i.code for i in report.errors] == ["missing-folder"]
+    (root / "train").mkdir()
+    (root / "train_mask.csv").write_text("x.jpg\t1 2 3\n")  # still checked: the syntax needs no size
+    assert "odd number of tokens" in " ".join(i.what for i in check_dataset(root).errors)

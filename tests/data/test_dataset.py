@@ -1,4 +1,6 @@
-"""Data layer: competition layout, decoded-once masks, Dataset, augmentation seeding, nearest-only masks."""
+"""pipeline.data.dataset: the competition layout read with its truth, SegDataset, augmentation seeded
+the same with any number of workers, masks that keep their values, foreground fractions. (The
+decoded-once mask cache: test_masks.py.)"""
 
 from __future__ import annotations
 
@@ -134,5 +136,3 @@ def test_foreground_fraction_of_the_competition_masks_is_the_building_fraction(d
     train = read_source(DataConfig(root=str(demo_root)), with_test=False).train
     expected = np.asarray(train.masks).reshape(len(train), -1).mean(axis=1)
     assert (train.foreground_fraction() == expected).all()  # bit for bit: the folds depend on it
-
-

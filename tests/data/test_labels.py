@@ -25,10 +25,6 @@ def test_label_png_round_trip_keeps_ids_and_palette(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.png"]  # no temporary file left
 
 
-
-
-
-
 def test_colorize_maps_ids_and_ignore() -> None:
     colors = [(0, 0, 0), (10, 20, 30), (200, 100, 0)]
     mask = np.array([[0, 1], [2, 255]], dtype=np.uint8)
@@ -42,5 +38,3 @@ def test_colorize_refuses_ids_without_colour() -> None:
         colorize(np.array([[0, 3]]), [(0, 0, 0), (1, 1, 1)])
     with pytest.raises(ValueError, match="255"):
         colorize(np.array([[255]]), [(0, 0, 0)], ignore_index=None)
-
-

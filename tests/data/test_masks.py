@@ -68,5 +68,3 @@ def test_mask_cache_is_written_chunk_by_chunk_and_reports_every_bad_row(monkeypa
         masks.decode_masks(bad, (6, 5), "t.csv", [f"t{i}" for i in range(7)])
     assert "t1" in str(e.value) and "t5" in str(e.value)
     assert not list((tmp_path / "cache").glob(".*.tmp")), "a failed decode left its temp file"
-
-

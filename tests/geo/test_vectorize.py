@@ -12,7 +12,14 @@ import shapely
 from affine import Affine
 
 from pipeline.core.config import ConfigError
-from pipeline.geo.vectorize import VectorizeOptions, regularize, tile_polygons, vectorize, vectorize_array
+from pipeline.geo.vectorize import (
+    VectorizeOptions,
+    full,
+    rectangle,
+    tile_polygons,
+    vectorize,
+    vectorize_array,
+)
 from pipeline.metrics.buildings import label_components
 
 W = 10  # window of the hand-made layout: edges at rows/columns 10, 20, 30
@@ -132,7 +139,7 @@ def test_simplify_keeps_area_and_drops_stair_steps() -> None:
     assert simple.hausdorff_distance(exact) <= 1.0 + 1e-9
 
 
-def test_regularize_snaps_near_rectangles_only() -> None:
+def test_rectangle_snaps_near_rectangles_only() -> None:
     m = np.zeros((40, 60), np.uint8)
     m[5:25, 5:25] = 1  # 20x20 with a 2x2 notch: fills 99% of its rectangle
     m[5:7, 23:25] = 0
@@ -140,12 +147,81 @@ def test_regularize_snaps_near_rectangles_only() -> None:
     m[5:15, 45:55] = 0
     off = vectorize_array(m, options=_exact(16))
     assert off.geometry.apply(shapely.get_num_coordinates).tolist() == [7, 7]  # off by default: outlines kept
-    on = vectorize_array(m, options=_exact(16, regularize=0.9))
+    on = vectorize_array(m, options=_exact(16, regularize="rectangle", rectangle_fill=0.9))
     assert shapely.get_num_coordinates(on.geometry.iloc[0]) == 5
     assert on.geometry.iloc[0].equals(shapely.box(5, 5, 25, 25))
     assert on.geometry.iloc[1].equals(off.geometry.iloc[1])
     ring = shapely.box(0, 0, 10, 10).difference(shapely.box(4, 4, 6, 6))  # a courtyard is never filled in
-    assert regularize(np.array([ring], dtype=object), 0.5)[0].equals(ring)
+    assert rectangle(np.array([ring], dtype=object), 0.5)[0].equals(ring)
+
+
+def _rotated_l(angle: float, size: int = 120) -> np.ndarray:
+    """A mask [size, size] of an L-shaped building (40 x 40 px with a 20 x 20 px bite) rotated by ``angle``
+    degrees about its centre: its pixel outline is a staircase on every edge."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5 - size / 2
+    t = np.radians(angle)
+    u, v = np.cos(t) * xx + np.sin(t) * yy, -np.sin(t) * xx + np.cos(t) * yy
+    body = (np.abs(u) < 20) & (np.abs(v) < 20)
+    bite = (u > 0) & (v > 0)
+    return (body & ~bite).astype(np.uint8)
+
+
+def _edge_angles(geom) -> np.ndarray:
+    """Direction of every exterior edge, degrees modulo 90 (0 = along the first axis or across it)."""
+    xy = np.asarray(geom.exterior.coords)
+    d = np.diff(xy, axis=0)
+    return np.degrees(np.arctan2(d[:, 1], d[:, 0])) % 90
+
+
+def test_full_regularisation_squares_a_rotated_l_and_keeps_it_an_l() -> None:
+    """A staircase L at 30 degrees: 'full' gives 6 edges, every one at 30 or 120 degrees (right angles),
+    the L's area within 5 %; 'none' keeps a many-vertex outline at other angles."""
+    m = _rotated_l(30.0)
+    none = vectorize_array(m, options=VectorizeOptions(window=50)).geometry.iloc[0]
+    squared = vectorize_array(m, options=VectorizeOptions(window=50, regularize="full")).geometry.iloc[0]
+    assert squared.geom_type == "Polygon" and squared.is_valid
+    assert len(squared.exterior.coords) - 1 == 6  # an L: six corners
+    assert np.allclose(_edge_angles(squared), 30.0, atol=1.0)
+    assert squared.area == pytest.approx(m.sum(), rel=0.05)
+    assert len(none.exterior.coords) - 1 > 6
+    assert not np.allclose(_edge_angles(none), 30.0, atol=1.0)
+
+
+def test_full_regularisation_keeps_holes_and_joins_multipolygons() -> None:
+    """A courtyard stays a hole; a building of two parts meeting at a corner (a MultiPolygon) comes back
+    as one feature; every building comes back, in order."""
+    ring = shapely.box(0, 0, 30, 30).difference(shapely.box(10, 10, 20, 20))
+    corner = shapely.MultiPolygon([shapely.box(40, 40, 50, 50), shapely.box(50, 50, 60, 60)])
+    out = full(np.array([ring, corner, shapely.box(70, 0, 80, 8)], dtype=object))
+    assert len(out) == 3
+    assert len(out[0].interiors) == 1 and out[0].area == pytest.approx(800)
+    assert out[1].geom_type == "MultiPolygon" and out[1].area == pytest.approx(200)
+    assert out[2].symmetric_difference(shapely.box(70, 0, 80, 8)).area < 1e-9  # a rectangle stays itself
+    assert len(full(np.array([], dtype=object))) == 0
+
+
+@pytest.mark.parametrize("regularize", ["rectangle", "full"])
+def test_regularised_outlines_do_not_depend_on_the_windows(regularize: str) -> None:
+    m = np.zeros((120, 130), np.uint8)
+    m[10:110, 10:120] = _rotated_l(20.0, 120)[10:110, 0:110]
+    m[5:9, 5:40] = 1
+    whole = vectorize_array(m, options=VectorizeOptions(window=4096, regularize=regularize))
+    windowed = vectorize_array(m, options=VectorizeOptions(window=37, regularize=regularize))
+    assert windowed.attrs["windows"] > 1 and len(windowed) == len(whole)
+    assert all(shapely.equals_exact(a, b, 0) for a, b in zip(windowed.geometry, whole.geometry))
+
+
+def test_cut_marks_buildings_on_the_scene_border_only() -> None:
+    """``cut``: the building reaches the scene's own border (it may go on in a neighbouring scene); inner
+    window edges do not count."""
+    m = np.zeros((40, 40), np.uint8)
+    m[0:3, 5:8] = 1  # top border
+    m[15:25, 15:25] = 1  # across the inner 10-px window edges, inside the scene
+    m[30:33, 37:40] = 1  # right border
+    m[37:40, 0:2] = 1  # bottom-left corner
+    m[5:8, 12:14] = 1  # inside
+    frame = vectorize_array(m, options=_exact(10))
+    assert frame["cut"].tolist() == [True, False, False, True, True]
 
 
 def test_minimum_areas_and_ids() -> None:
@@ -159,6 +235,13 @@ def test_minimum_areas_and_ids() -> None:
     frame = vectorize_array(m, options=_exact(16, min_area_m2=8.0), **geo)
     assert frame["pixels"].tolist() == [100] and frame["id"].tolist() == [1]
     assert frame["area_m2"].iloc[0] == pytest.approx(9.0)
+    # exact_cut: a building on the scene's border may be a piece of a larger one; it passes (the merge
+    # of make predict-scenes filters the joined building)
+    m[0, 20:22] = 1
+    for small in ({"min_area_px": 5}, {"min_area_m2": 8.0}):
+        frame = vectorize_array(m, options=_exact(16, exact_cut=True, **small), **geo)
+        assert frame["cut"].tolist() == [True, False] + [False] * ("min_area_px" in small)
+        assert frame["pixels"].tolist()[0] == 2
     with pytest.raises(ConfigError, match="no CRS"):
         vectorize_array(m, options=_exact(16, min_area_m2=1.0))
 
@@ -217,5 +300,26 @@ def test_tile_polygons_follow_the_component_labels() -> None:
 def test_options_out_of_range_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"window = 0.*simplify = -1"):
         VectorizeOptions(window=0, simplify=-1)
-    with pytest.raises(ConfigError, match="regularize"):
-        VectorizeOptions(regularize=1.5)
+    with pytest.raises(ConfigError, match="regularize = 'square' .none or rectangle or full"):
+        VectorizeOptions(regularize="square")
+    with pytest.raises(ConfigError, match="rectangle_fill"):
+        VectorizeOptions(rectangle_fill=1.5)
+
+
+def test_exact_cut_keeps_the_pixel_outline_of_buildings_on_the_scene_border() -> None:
+    """exact_cut (make predict-scenes): a staircase building on the border keeps every pixel corner (its
+    pieces in the next scene must fit exactly); the same building inside the scene is simplified."""
+    m = np.zeros((60, 100), np.uint8)
+    for r in range(10, 50):
+        m[r, 0 : r - 8] = 1  # on the left border, a staircase edge
+        m[r, 40 : 40 + r - 8] = 1  # the same shape inside
+    m[:, 38:40] = 0
+    exact = vectorize_array(m, options=_exact(32))
+    cut = vectorize_array(m, options=VectorizeOptions(window=32, exact_cut=True))
+    plain = vectorize_array(m, options=VectorizeOptions(window=32))
+    assert cut["cut"].tolist() == [True, False]
+    assert cut.geometry.iloc[0].equals_exact(exact.geometry.iloc[0], 0)
+    assert cut.geometry.iloc[1].equals_exact(plain.geometry.iloc[1], 0)
+    assert shapely.get_num_coordinates(cut.geometry.iloc[1]) < shapely.get_num_coordinates(
+        cut.geometry.iloc[0]
+    )

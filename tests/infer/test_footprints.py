@@ -229,6 +229,70 @@ def test_make_footprints_from_a_scene_and_a_run(
     assert again.attrs["windows"] == 3 * 4 and again["pixels"].tolist() == frame["pixels"].tolist()
 
 
+def test_a_mask_from_predict_scene_gives_the_footprints_of_scene_and_run(
+    tiny_run: Path, demo_root: Path, tmp_path: Path, capsys
+) -> None:
+    """make predict-scene then make footprints MASK= applies the run's tuned min_area (from the mask's
+    tags), as make footprints SCENE= RUN= does: the same polygons (it used to keep every speck)."""
+    import dataclasses
+    import shutil
+
+    from pipeline.infer import scenes
+    from pipeline.runs.manifest import load_manifest, write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    manifest = load_manifest(run)
+    write_manifest(
+        dataclasses.replace(manifest, run_dir=run, infer=dataclasses.replace(manifest.infer, min_area=30))
+    )
+    tiles = [np.asarray(Image.open(p)) for p in sorted((demo_root / "test_a").iterdir())[:6]]
+    write_tif(
+        tmp_path / "scene.tif",
+        np.concatenate([np.concatenate(tiles[:3], 1), np.concatenate(tiles[3:], 1)], 0),
+    )
+    cpu = ["--device", "cpu"]
+    assert (
+        scenes.main(
+            [
+                "--run",
+                str(run),
+                "--scene",
+                str(tmp_path / "scene.tif"),
+                "--out",
+                str(tmp_path / "m.tif"),
+                *cpu,
+            ]
+        )
+        == 0
+    )
+    assert (
+        footprints.main(["--mask", str(tmp_path / "m.tif"), "--out", str(tmp_path / "from_mask.gpkg")]) == 0
+    )
+    assert "minimum area 30 px (run run's tuned min_area, from the mask's tags)" in capsys.readouterr().out
+    args = [
+        "--scene",
+        str(tmp_path / "scene.tif"),
+        "--run",
+        str(run),
+        "--out",
+        str(tmp_path / "from_scene.gpkg"),
+    ]
+    assert footprints.main([*args, *cpu]) == 0
+    a, b = gpd.read_file(tmp_path / "from_mask.gpkg"), gpd.read_file(tmp_path / "from_scene.gpkg")
+    small = int((label_components(rasterio.open(tmp_path / "m.tif").read(1))[1] > 0).sum())
+    assert 0 < len(a) == len(b) and small > 0
+    assert (a["pixels"] >= 30).all() and a["pixels"].tolist() == b["pixels"].tolist()
+    assert all(x.equals_exact(y, 0) for x, y in zip(a.geometry, b.geometry))
+    assert (
+        footprints.main(
+            ["--mask", str(tmp_path / "m.tif"), "--out", str(tmp_path / "all.gpkg"), "--min-area-px", "0"]
+        )
+        == 0
+    )
+    assert len(gpd.read_file(tmp_path / "all.gpkg")) > len(a)  # told otherwise: every component
+
+
 # ----------------------------------------------------------------------------- real tiles, real CRS
 
 
@@ -299,3 +363,132 @@ def test_real_tiles_as_a_georeferenced_scene(tmp_path: Path) -> None:
     report = footprints.score_footprints(tmp_path / "truth.gpkg", tmp_path / "truth.tif")["buildings"]
     assert (report["precision"], report["recall"], report["f1"]) == (1.0, 1.0, 1.0)
     assert report["tp"] == n_components
+
+
+# ----------------------------------------------------------------------------- outputs never destroy inputs
+
+
+def _layers(path: Path) -> list[str]:
+    return [str(name) for name, _ in pyogrio.list_layers(path)]
+
+
+def test_a_geopackage_keeps_its_other_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """make footprints OUT=x.gpkg into a GeoPackage of other layers writes its own layer and keeps theirs
+    (it used to replace the whole file); a second run replaces its layer, and says so."""
+    write_tif(tmp_path / "m.tif", _mask())
+    out = tmp_path / "city.gpkg"
+    roads = gpd.GeoDataFrame({"name": ["a"]}, geometry=[shapely.box(0, 0, 1, 1)], crs=CRS_UTM)
+    roads.to_file(out, layer="roads")
+    assert footprints.main(["--mask", str(tmp_path / "m.tif"), "--out", str(out)]) == 0
+    assert "note: adding layer buildings" in capsys.readouterr().err
+    assert _layers(out) == ["roads", "buildings"]
+    assert gpd.read_file(out, layer="roads")["name"].tolist() == ["a"]
+    assert len(gpd.read_file(out, layer="buildings")) == 4
+    assert (
+        footprints.main(["--mask", str(tmp_path / "m.tif"), "--out", str(out), "--min-area-px", "100"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert f"note: replacing layer buildings of {out}; its other layers (roads) are kept" in err
+    assert len(gpd.read_file(out, layer="buildings")) == 3 and _layers(out) == ["roads", "buildings"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_existing_outputs_are_replaced_with_a_note_or_refused(tmp_path: Path, capsys) -> None:
+    """A FlatGeobuf is replaced with a note; a .gpkg that is no GeoPackage is someone's file: refused,
+    untouched, before any work."""
+    write_tif(tmp_path / "m.tif", _mask())
+    (tmp_path / "old.fgb").write_bytes(b"x")
+    assert footprints.main(["--mask", str(tmp_path / "m.tif"), "--out", str(tmp_path / "old.fgb")]) == 0
+    assert f"note: replacing {tmp_path / 'old.fgb'}" in capsys.readouterr().err
+    (tmp_path / "notes.gpkg").write_text("my notes")
+    assert footprints.main(["--mask", str(tmp_path / "m.tif"), "--out", str(tmp_path / "notes.gpkg")]) == 2
+    err = capsys.readouterr().err
+    assert "notes.gpkg exists and is not a GeoPackage" in err and err.count("\n") == 1
+    assert (tmp_path / "notes.gpkg").read_text() == "my notes"
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_model(tmp_path: Path, capsys, monkeypatch) -> None:
+    """OUT whose mask sidecar is the scene itself (b.gpkg -> b_mask.tif) is refused before the run is read."""
+    from pipeline.infer import scenes
+
+    monkeypatch.setattr(scenes, "load_ensemble", lambda *a: pytest.fail("a model was loaded"))
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    write_tif(tmp_path / "b_mask.tif", rgb)
+    before = (tmp_path / "b_mask.tif").read_bytes()
+    args = ["--scene", str(tmp_path / "b_mask.tif"), "--run", str(tmp_path / "no-run"), "--out"]
+    assert footprints.main([*args, str(tmp_path / "b.gpkg")]) == 2
+    assert "b_mask.tif would overwrite the input" in capsys.readouterr().err
+    assert (tmp_path / "b_mask.tif").read_bytes() == before
+
+
+def test_geoparquet_round_trip(tmp_path: Path) -> None:
+    write_tif(tmp_path / "m.tif", _mask())
+    frame = footprints.vectorize_raster(tmp_path / "m.tif", options=EXACT)
+    out = footprints.write_footprints(frame, tmp_path / "b.parquet")
+    back = footprints.read_footprints(out)
+    assert back.crs.to_epsg() == 32631 and back["id"].tolist() == [1, 2, 3, 4]
+    assert all(a.equals_exact(b, 0) for a, b in zip(back.geometry, frame.geometry))
+    assert gpd.read_parquet(out)["pixels"].tolist() == [200, 204, 1100, 50]  # plain GeoParquet
+
+
+def test_invalid_polygons_are_repaired_and_counted(tmp_path: Path, capsys) -> None:
+    """A bow tie (self-intersecting ring) in make score FOOTPRINTS=: repaired with make_valid, counted and
+    said, not a GEOS traceback."""
+    from pipeline.infer import score
+
+    bow = shapely.Polygon([(0, 0), (20, 20), (20, 0), (0, 20)])
+    pred = gpd.GeoDataFrame({"id": [1, 2]}, geometry=[bow, shapely.box(40, 40, 60, 60)], crs=CRS_UTM)
+    truth = gpd.GeoDataFrame({"id": [1]}, geometry=[shapely.box(40, 40, 60, 60)], crs=CRS_UTM)
+    pred.to_file(tmp_path / "pred.gpkg")
+    truth.to_file(tmp_path / "truth.gpkg")
+    frame = footprints.read_footprints(tmp_path / "pred.gpkg")
+    assert frame.attrs["repaired"] == 1 and frame.geometry.is_valid.all()
+    assert frame.geometry.iloc[0].area == pytest.approx(200)  # the two triangles of the bow tie
+    result = footprints.score_footprints(tmp_path / "pred.gpkg", tmp_path / "truth.gpkg")
+    assert result["repaired"] == {"footprints": 1, "truth": 0}
+    assert result["buildings"]["tp"] == 1 and result["buildings"]["fp"] == 1
+    assert (
+        score.main(["--footprints", str(tmp_path / "pred.gpkg"), "--truth", str(tmp_path / "truth.gpkg")])
+        == 0
+    )
+    assert "repaired 1 invalid polygon of" in capsys.readouterr().err
+
+
+def test_a_class_id_mask_is_refused(tmp_path: Path) -> None:
+    from pipeline.geo.scene import MaskTags
+
+    tags = MaskTags("make predict-scene", "voc", "/runs/voc", 0.5, 0, "none", 21, "s.tif")
+    write_tif(tmp_path / "ids.tif", _mask())
+    with rasterio.open(tmp_path / "ids.tif", "r+") as dst:
+        dst.update_tags(**tags.to_tags())
+    with pytest.raises(FootprintError, match="21-class run"):
+        footprints.mask_options(tmp_path / "ids.tif", VectorizeOptions(), None)
+
+
+def test_every_phase_prints_a_line_in_a_log(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Output to a file, simulated time: every window read, the outlines and the write each print a
+    progress line when a minute has passed (the heartbeat stands in for the thread)."""
+    from pipeline.core import progress as progress_mod
+
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 61.0  # a minute passes between any two looks at the clock
+        return now[0]
+
+    monkeypatch.setattr(progress_mod, "clock", clock)
+    progress_mod.LOG.reset()
+    monkeypatch.delenv("BUILDSEG_PROGRESS", raising=False)
+    write = footprints.WRITERS["GPKG"]
+    monkeypatch.setitem(footprints.WRITERS, "GPKG", lambda *a: (progress_mod.beat(), write(*a))[1])
+    write_tif(tmp_path / "m.tif", _mask())
+    assert (
+        footprints.main(
+            ["--mask", str(tmp_path / "m.tif"), "--out", str(tmp_path / "b.gpkg"), "--window", "32"]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err.splitlines()
+    windows = [ln for ln in err if ln.startswith("footprints: ")]
+    assert len(windows) == 16 and windows[-1].startswith("footprints: 16/16 (100%)")  # 4 x 4 windows of 32 px
+    assert any(ln.startswith(f"write {tmp_path / 'b.gpkg'}: ") for ln in err)

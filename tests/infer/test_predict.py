@@ -105,6 +105,11 @@ def test_predict_cli_writes_pngs_metrics_and_figure(voc_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mean IoU" in printed and "roof" in printed and "figure.png" in printed
     assert (out / "figure.png").stat().st_size > 0
+    truth_dir = voc_root / "SegmentationClass"  # the data's own label PNGs: never an output
+    before = {p: p.read_bytes() for p in truth_dir.iterdir()}
+    assert predict.main(["--run", str(run_dir), "--out", str(truth_dir), "--workers", "0"]) == 2
+    assert "would overwrite the data's own files" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in truth_dir.iterdir()} == before
     # metrics.json holds what it promises, for the PNGs it wrote.
     written = json.loads((out / "metrics.json").read_text())
     expected = _expected_metrics(out, voc_root)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from voc_data import make_voc, voc_cfg
 
 from pipeline.data import DataError, rle
@@ -167,3 +168,28 @@ def test_the_tile_size_is_measured_as_validate_measures_it_never_assumed(tmp_pat
     assert (
         score.main([str(tmp_path / "sub.csv"), "--truth", str(tmp_path / "truth.csv"), "--size", "8x6"]) == 0
     )
+
+
+def test_a_submission_is_scored_against_the_data_it_was_made_for(tmp_path, capsys):
+    """make score without DATA used to score against data/demo whatever the submission was made for,
+    and overwrite its score when the tile names matched."""
+    from pipeline.runs.folder import write_submission_record
+
+    own, other = tmp_path / "own", tmp_path / "other"
+    for root, rle_text in ((own, "1 4"), (other, "5 4")):
+        (root / "test_a").mkdir(parents=True)
+        (root / "test_a_mask.csv").write_text(f"a.png\t{rle_text}\n")
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "test_a" / "a.png")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("a.png\t1 4\n")
+    assert score.main([str(sub)]) == 2
+    assert "no record of the data it was made for" in capsys.readouterr().err
+    write_submission_record(
+        sub, {"data_root": str(own), "test_dir": "test_a", "test_mask_csv": "test_a_mask.csv"}
+    )
+    assert score.main([str(sub)]) == 0
+    assert json.loads(Path(f"{sub}.score.json").read_text())["dice"] == 1.0
+    assert score.main([str(sub), "--truth", str(other / "test_a_mask.csv")]) == 0
+    assert "note: " in capsys.readouterr().out
+    assert json.loads(Path(f"{sub}.score.json").read_text())["dice"] == 1.0  # its own score kept
+    assert json.loads(Path(f"{sub}.vs-other.score.json").read_text())["dice"] == 0.0

@@ -15,7 +15,7 @@ import torch
 from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from pipeline.core.config import load_config
+from pipeline.core.config import ConfigError, load_config
 from pipeline.core.tta import TTA_SETS
 from pipeline.data import rle
 from pipeline.data.layouts import read_source
@@ -45,12 +45,32 @@ def tiny_run(demo_root, tmp_path_factory):
     return cfg, trainer.run(cfg)
 
 
+def _own_rows(checkpoint: Path, test, threshold: float, min_area: int) -> list[str]:
+    """``name<TAB>rle`` of one checkpoint's own prediction: its probabilities, threshold, component filter."""
+    model, _, _ = load_model(checkpoint)
+    probs = [
+        p for _, batch in iter_predictions([model], test, "none", torch.device("cpu"), 4, 0) for p in batch
+    ]
+    return [
+        f"{n}\t{rle.encode(postprocess.binarize(p, threshold, min_area))}" for n, p in zip(test.names, probs)
+    ]
+
+
 def test_single_model_is_an_ensemble_of_one(tiny_run, tmp_path):
+    """A manifest of one checkpoint (fold 1's, not the first listed) submits exactly that model's own
+    prediction, with the manifest's threshold and minimum area (8 px here, so the filter has work)."""
     cfg, run = tiny_run
     manifest = load_manifest(run)
-    one = dataclasses.replace(manifest, checkpoints=manifest.checkpoints[:1])
+    one = dataclasses.replace(
+        manifest, checkpoints=manifest.checkpoints[1:], infer=dataclasses.replace(manifest.infer, min_area=8)
+    )
     res = submit.make_submission(one, cfg.data, tmp_path, tta="none", device="cpu", num_workers=0)
     assert validate_submission(res.path, Path(cfg.data.root) / cfg.data.sample_csv, (64, 64)) == []
+    test = read_source(cfg.data, with_train=False).test
+    own = _own_rows(run / manifest.checkpoints[1], test, one.infer.threshold, 8)
+    assert res.path.read_text().splitlines() == own
+    # The comparison can tell the folds apart: fold 0's model submits other rows.
+    assert _own_rows(run / manifest.checkpoints[0], test, one.infer.threshold, 8) != own
 
 
 @pytest.mark.parametrize("tta", list(TTA_SETS))
@@ -139,12 +159,22 @@ def test_submit_removes_temp_files_of_killed_writes(tiny_run, tmp_path):
 
 
 def test_cli_uses_newest_run_and_validates(tiny_run, tmp_path, monkeypatch, capsys):
+    """Without --run, the run whose manifest.yaml was written last: not the first or last by name."""
+    import shutil
+
     cfg, run = tiny_run
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").symlink_to(run.parent)
-    assert submit.main(["--device", "cpu", "--workers", "0", "--out", str(tmp_path / "subs")]) == 0
+    for name, written in (("a-run", 1_700_000_000), ("b-run", 1_600_000_000)):
+        shutil.copytree(run, tmp_path / "runs" / name, ignore=shutil.ignore_patterns("last.pt", "oof.npz"))
+        os.utime(tmp_path / "runs" / name / "manifest.yaml", (written, written))
+    args = ["--device", "cpu", "--workers", "0", "--out", str(tmp_path / "subs")]
+    assert submit.main(args) == 0
     out = capsys.readouterr().out
     assert "validated OK" in out and "score: Dice" in out
+    assert f"submission: {tmp_path / 'subs' / 'a-run-none-'}" in out
+    os.utime(tmp_path / "runs" / "b-run" / "manifest.yaml", (1_800_000_000, 1_800_000_000))  # re-tuned
+    assert submit.main(args) == 0
+    assert f"submission: {tmp_path / 'subs' / 'b-run-none-'}" in capsys.readouterr().out
     assert submit.main(["--run", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -184,3 +214,92 @@ def test_predict_scene_with_a_trained_run(tiny_run, tmp_path):
         assert r.crs.to_epsg() == 32631 and r.transform == transform
         mask = r.read(1)
     assert mask.shape == (100, 150) and set(np.unique(mask)) <= {0, 1}
+
+
+def test_a_min_area_above_the_tile_is_refused_before_any_model_loads(tiny_run, tmp_path, monkeypatch):
+    """It used to give an all-empty submission that validated OK."""
+    cfg, run = tiny_run
+    manifest = load_manifest(run)
+    huge = dataclasses.replace(manifest, infer=dataclasses.replace(manifest.infer, min_area=64 * 64))
+    monkeypatch.setattr(submit, "load_ensemble", lambda *a: pytest.fail("models loaded before the check"))
+    with pytest.raises(ConfigError, match=r"min_area 4096 is at least the 64x64 tile's 4096 pixels"):
+        submit.make_submission(huge, cfg.data, tmp_path, device="cpu", num_workers=0)
+    assert list(tmp_path.glob("*.csv")) == []
+
+
+def test_too_little_free_space_fails_before_predicting_naming_the_folder(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    cfg, run = tiny_run
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    monkeypatch.setattr(submit, "load_ensemble", lambda *a: pytest.fail("predicted before the check"))
+    with pytest.raises(OSError, match="MB free, a submission of 8 tiles needs up to") as e:
+        submit.make_submission(load_manifest(run), cfg.data, tmp_path, device="cpu", num_workers=0)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path)
+
+
+# ----------------------------------------------------------------------------- blends (make blend)
+
+
+def _blend_of(
+    run: Path, other: Path, blend: Path, weights: tuple[float, float], tta: str = "none"
+) -> Manifest:
+    """A blend of ``run`` (both folds) and ``other`` (one fold) as make blend writes it."""
+    from pipeline.runs.manifest import Member
+
+    own = load_manifest(run)
+    members = (
+        Member(os.path.relpath(run, blend), weights[0], "none", own.checkpoints),
+        Member(os.path.relpath(other, blend), weights[1], tta, ("fold0/best.pt",)),
+    )
+    infer = dataclasses.replace(own.infer, tta="none", min_area=8)
+    write_manifest(Manifest(blend, (), infer, 1, own.data_root, {}, members))
+    return load_manifest(blend)
+
+
+def test_a_blend_submits_every_fold_of_every_run_with_its_weight(tiny_run, tmp_path):
+    """Run 1's two folds averaged, weight 0.7; run 2 (fold 1's model alone), weight 0.3: thresholded with the
+    blend's threshold and minimum area."""
+    import shutil
+
+    cfg, run = tiny_run
+    (tmp_path / "other" / "fold0").mkdir(parents=True)
+    shutil.copy(run / "fold1/best.pt", tmp_path / "other/fold0/best.pt")
+    manifest = _blend_of(run, tmp_path / "other", tmp_path / "blend", (0.7, 0.3))
+    res = submit.make_submission(manifest, cfg.data, tmp_path / "subs", device="cpu", num_workers=0)
+    assert res.path.name.startswith("blend-none-")
+    test = read_source(cfg.data, with_train=False).test
+    cpu = torch.device("cpu")
+    p0, p1 = (
+        np.concatenate([p for _, p in iter_predictions([load_model(run / c)[0]], test, "none", cpu, 4, 0)])
+        for c in ("fold0/best.pt", "fold1/best.pt")
+    )
+    probs = ((p0 + p1) / 2 * np.float32(0.7) + p1 / 1 * np.float32(0.3)) / np.float32(1.0)
+    want = [
+        f"{n}\t{rle.encode(postprocess.binarize(p, manifest.infer.threshold, 8))}"
+        for n, p in zip(test.names, probs)
+    ]
+    assert res.path.read_text().splitlines() == want
+    assert submit.tta_label(manifest, "none") == "none" and submit.tta_label(manifest, "d4") == "d4"
+    mixed = _blend_of(run, tmp_path / "other", tmp_path / "mixed", (0.7, 0.3), tta="flip")
+    assert submit.tta_label(mixed, "none") == "per-run"  # each run with its own TTA set
+    # TTA= asked for applies to every run, also when the caller set the blend's tta key to it (bench.proxy)
+    asked = dataclasses.replace(mixed, infer=dataclasses.replace(mixed.infer, tta="none"))
+    res = submit.make_submission(asked, cfg.data, tmp_path / "asked", "none", device="cpu", num_workers=0)
+    assert res.path.name.startswith("mixed-none-") and res.path.read_text().splitlines() == want
+
+
+def test_submit_names_a_run_deleted_after_the_blend_was_made(tiny_run, tmp_path, capsys):
+    import shutil
+
+    cfg, run = tiny_run
+    shutil.copytree(run, tmp_path / "copy", ignore=shutil.ignore_patterns("last.pt", "oof.npz"))
+    _blend_of(run, tmp_path / "copy", tmp_path / "blend", (0.5, 0.5))
+    shutil.rmtree(tmp_path / "copy")
+    args = ["--run", str(tmp_path / "blend"), "--device", "cpu", "--out", str(tmp_path / "subs")]
+    assert submit.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "members[1]: run ../copy" in err and "deleted or moved after the blend was made" in err
+    assert "make blend RUNS=" in err and not (tmp_path / "subs").exists()

@@ -5,8 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.core.config import InferConfig
 from pipeline.metrics.pixel import dice_per_image
-from pipeline.metrics.postprocess import binarize, mean_dice_at, remove_small_components, search_threshold
+from pipeline.metrics.postprocess import (
+    GridCounts,
+    binarize,
+    mean_dice_at,
+    remove_small_components,
+    search_extending,
+    search_threshold,
+    widen_min_areas,
+    widen_thresholds,
+)
 
 
 def _blob_image() -> np.ndarray:
@@ -139,3 +149,48 @@ def test_search_errors_say_how_to_fix() -> None:
         search_threshold(probs * 4 - 2, truth)
     with pytest.raises(TypeError, match="uint8"):
         search_threshold(probs.astype(np.int32), truth)
+
+
+def _edge_case_oof() -> tuple[np.ndarray, np.ndarray]:
+    """Buildings at p ~ 0.2, background at p = 0.12: the best threshold is 0.15, below the default grid."""
+    rng = np.random.default_rng(0)
+    truths = np.zeros((6, 16, 16), np.uint8)
+    truths[:, 4:12, 4:12] = 1
+    probs = np.where(truths == 1, rng.uniform(0.17, 0.23, truths.shape), 0.12)
+    return np.rint(probs * 255).astype(np.uint8), truths
+
+
+def _counter(probs: np.ndarray, truths: np.ndarray, passes: list):
+    def count(grids):
+        passes.append(grids)
+        out = []
+        for t, a in grids:
+            with GridCounts(t, a) as c:
+                c.add(probs, truths)
+                out.append(c.dice())
+        return out
+
+    return count
+
+
+def test_a_best_threshold_below_the_grid_is_found_by_widening_it():
+    probs, truths = _edge_case_oof()
+    grid = InferConfig().thresholds  # 0.30 .. 0.70
+    assert search_threshold(probs, truths, grid, (0,)).threshold == 0.3  # the fixed grid stops at its edge
+    passes: list = []
+    result, cells, notes = search_extending(_counter(probs, truths, passes), grid, (0,), 256)
+    assert result.threshold == pytest.approx(0.15) and result.dice == 1.0
+    assert len(passes) == 2 and "the best threshold 0.3 was at the edge of the grid 0.3..0.7" in notes[0]
+    assert set(result.table["threshold"].round(2)) >= {0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.7}
+    assert (0.15, 0) in {(round(t, 2), a) for t, a in cells}
+
+
+def test_an_inside_optimum_needs_no_second_pass_and_the_largest_area_widens_upward():
+    probs, truths = _edge_case_oof()
+    passes: list = []
+    result, _, notes = search_extending(_counter(probs, truths, passes), (0.1, 0.15, 0.2), (0,), 256)
+    assert result.threshold == pytest.approx(0.15) and notes == [] and len(passes) == 1
+    assert widen_min_areas((0, 16, 256), 256, 512 * 512) == [512, 1024, 2048]
+    assert widen_min_areas((0, 16, 256), 16, 512 * 512) == [] and widen_min_areas((0,), 0, 100) == []
+    assert widen_thresholds((0.3, 0.35), 0.35) == pytest.approx([0.4, 0.45])
+    assert widen_thresholds((0.01, 0.05), 0.01) == []  # the bottom of the range

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.config import Config, ModelConfig
+from pipeline.core.config import Config, ConfigError, ModelConfig
 from pipeline.model.fcn8s import FCN8s, Upsample2x
 from pipeline.model.registry import build_arch, build_model, load_encoder_weights
 
@@ -53,10 +53,20 @@ def test_learned_2x_upsampling_starts_as_exact_bilinear():
     torch.testing.assert_close(Upsample2x(3)(x), expected, atol=1e-5, rtol=0)  # borders included
 
 
-def test_fcn8s_loads_a_vgg16_features_file(tmp_path):
+def test_fcn8s_loads_a_whole_vgg16_file_and_refuses_a_features_only_one(tmp_path):
+    """fc6/fc7 come from the file's classifier (convolutionalised); a file without them would leave them
+    random without a word, so it is refused, naming what is missing."""
     vgg = _model("Unet", "vgg16", 1).net.encoder  # smp's vgg16 encoder: keys features.N.*
+    features_only = tmp_path / "vgg16-features.pth"
+    torch.save(vgg.state_dict(), features_only)
+    with pytest.raises(
+        ConfigError, match=r"4 of its \d+ tensors are not in the file \(e.g. \['classifier.0.bias'"
+    ):
+        build_arch(ModelConfig(arch="FCN8s", encoder="vgg16", encoder_weights=str(features_only)))
+    torch.manual_seed(0)
+    whole = build_arch(ModelConfig(arch="FCN8s", encoder="vgg16", encoder_weights=None)).encoder.state_dict()
     path = tmp_path / "vgg16.pth"
-    torch.save(vgg.state_dict(), path)
+    torch.save({**whole, "classifier.6.weight": torch.zeros(1000, 4096)}, path)  # + an ImageNet head
     net = build_arch(ModelConfig(arch="FCN8s", encoder="vgg16", encoder_weights=str(path)))
-    torch.testing.assert_close(net.encoder.features[28].weight, vgg.features[28].weight, rtol=0, atol=0)
-    assert load_encoder_weights(net.encoder, str(path)) == (4, 0)  # fc6/fc7 weight+bias stay random
+    torch.testing.assert_close(net.encoder.features[28].weight, whole["features.28.weight"], rtol=0, atol=0)
+    assert load_encoder_weights(net.encoder, str(path)) == (len(whole), 1)  # every tensor; the head dropped

@@ -216,7 +216,7 @@ def test_build_loss_binary_converts_uint8_mask():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 1, 16, 16, generator=g)
     mask = (torch.rand(2, 16, 16, generator=g) > 0.5).to(torch.uint8)
-    expected = bce_dice_loss(logits, mask.unsqueeze(1).float(), 0.4, 0.6)
+    expected = bce_dice_loss(logits, mask.unsqueeze(1).float(), 0.4, 0.6, per_image=True)  # auto, binary
     assert loss_fn(logits, mask).item() == pytest.approx(expected.item(), abs=1e-7)
 
 
@@ -351,7 +351,7 @@ def test_binary_loss_adds_the_weighted_lovasz_term_and_finetune_is_lovasz_alone(
     target = mask.unsqueeze(1).float()
     cfg = LossConfig(lovasz_weight=0.7)
     got = build_loss(ModelConfig(classes=1), cfg)(logits, mask)
-    want = bce_dice_loss(logits, target) + 0.7 * lovasz_hinge(logits, target)
+    want = bce_dice_loss(logits, target, per_image=True) + 0.7 * lovasz_hinge(logits, target)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     finetune = build_loss(ModelConfig(classes=1), cfg, finetune=True)(logits, mask)
     assert finetune.item() == pytest.approx(lovasz_hinge(logits, target).item(), rel=1e-6)
@@ -364,3 +364,35 @@ def test_lovasz_is_refused_for_multiclass_and_counts_as_a_loss_term():
         load_config(None, ["model.classes=3", "loss.lovasz_weight=1", "model.encoder_weights=null"])
     cfg = load_config(None, ["loss.ce_weight=0", "loss.dice_weight=0", "loss.lovasz_weight=1"])
     assert cfg.loss.lovasz_weight == 1.0
+
+
+def _loss_of(cfg):
+    return build_loss(cfg.model, cfg.loss)
+
+
+def test_dice_per_image_is_a_config_key_that_reaches_the_loss():
+    from pipeline.core.config import load_config
+
+    logits = torch.tensor([[[[4.0, -4.0]]], [[[-4.0, -4.0]]]])  # tile 0 half found, tile 1 empty and right
+    mask = torch.tensor([[[1, 1]], [[0, 0]]], dtype=torch.uint8)
+    batch = _loss_of(load_config(None, ["loss.ce_weight=0", "loss.dice_per_image=false"]))(logits, mask)
+    per_image = _loss_of(load_config(None, ["loss.ce_weight=0", "loss.dice_per_image=true"]))(logits, mask)
+    default = _loss_of(load_config(None, ["loss.ce_weight=0"]))(logits, mask)  # auto: per image when binary
+    torch.testing.assert_close(default, per_image)
+    # By hand (smooth 1, p = sigmoid(+-4)): batch Dice pools both tiles; per image, the empty tile scores 1.
+    p, q = torch.sigmoid(torch.tensor(4.0)), torch.sigmoid(torch.tensor(-4.0))
+    pooled = 1 - (2 * (p + q) + 1) / (p + 3 * q + 2 + 1)
+    tile0 = 1 - (2 * (p + q) + 1) / (p + q + 2 + 1)
+    tile1 = 1 - (0 + 1) / (2 * q + 0 + 1)
+    torch.testing.assert_close(batch, 0.5 * pooled)
+    torch.testing.assert_close(per_image, 0.5 * (tile0 + tile1) / 2)
+
+
+def test_dice_per_image_auto_is_batch_dice_for_multiclass_and_true_is_refused_there():
+    from pipeline.core.config import ConfigError, load_config
+
+    assert load_config(None, ["model.classes=3", "model.encoder_weights=null"]).loss.dice_per_image == "auto"
+    with pytest.raises(ConfigError, match="loss.dice_per_image is for binary runs"):
+        load_config(None, ["model.classes=3", "model.encoder_weights=null", "loss.dice_per_image=true"])
+    with pytest.raises(ConfigError, match="loss.dice_per_image must be true, false or auto, not 'sometimes'"):
+        load_config(None, ["loss.dice_per_image=sometimes"])

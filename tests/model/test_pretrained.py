@@ -17,9 +17,9 @@ from pipeline.model.registry import (
 OFFLINE_R34 = (
     "model.encoder_weights=imagenet: the resnet34 imagenet weights are not in the local cache and "
     "huggingface.co cannot be reached from this machine (offline?); train from scratch with "
-    "model.encoder_weights=null, or run `make weights ENCODER=resnet34 OUT=weights/resnet34-imagenet.pth` "
-    "on a machine with internet, copy weights/resnet34-imagenet.pth here and set "
-    "model.encoder_weights=weights/resnet34-imagenet.pth"
+    '`make train ARGS="model.encoder_weights=null"`, or run `make weights ENCODER=resnet34 '
+    "OUT=weights/resnet34-imagenet.pth` on a machine with internet, copy weights/resnet34-imagenet.pth here "
+    'and train with `make train ARGS="model.encoder_weights=weights/resnet34-imagenet.pth"`'
 )
 
 
@@ -52,9 +52,9 @@ def test_offline_training_fails_before_any_run_folder(network, tiny_cfg, tmp_pat
     assert capsys.readouterr().err == (
         f"error: model.encoder_weights=imagenet: the {enc} imagenet weights are not in the local cache and "
         "huggingface.co cannot be reached from this machine (offline?); train from scratch with "
-        f"model.encoder_weights=null, or run `make weights ENCODER={enc} OUT=weights/{enc}-imagenet.pth` "
-        f"on a machine with internet, copy weights/{enc}-imagenet.pth here and set "
-        f"model.encoder_weights=weights/{enc}-imagenet.pth\n"
+        f'`make train ARGS="model.encoder_weights=null"`, or run `make weights ENCODER={enc} '
+        f"OUT=weights/{enc}-imagenet.pth` on a machine with internet, copy weights/{enc}-imagenet.pth here "
+        f'and train with `make train ARGS="model.encoder_weights=weights/{enc}-imagenet.pth"`\n'
     )
     assert not Path(cfg.train.runs_dir).exists()
 
@@ -93,8 +93,9 @@ def test_a_download_that_fails_inside_smp_is_the_same_clear_error(network, monke
         build_arch(ModelConfig())
     assert str(e.value).startswith(
         "model.encoder_weights=imagenet: downloading the resnet34 weights failed (LocalEntryNotFoundError: "
-        "Connection reset by peer); train from scratch with model.encoder_weights=null, or run `make weights "
-        "ENCODER=resnet34 OUT=weights/resnet34-imagenet.pth` on a machine with internet"
+        "Connection reset by peer); train from scratch with "
+        '`make train ARGS="model.encoder_weights=null"`, or run `make weights ENCODER=resnet34 '
+        "OUT=weights/resnet34-imagenet.pth` on a machine with internet"
     )
 
 
@@ -133,6 +134,8 @@ def test_real_reachability_check_is_bounded(monkeypatch):
 
 def test_hf_hub_offline_mode_is_named(network, monkeypatch):
     monkeypatch.setattr(pretrained, "_hub_offline", lambda: True)
-    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set .*model.encoder_weights=null, or run `make"):
+    with pytest.raises(
+        ConfigError, match='HF_HUB_OFFLINE is set .*model.encoder_weights=null"`, or run `make'
+    ):
         check_model(Config())
     assert network == []  # no connection tried: huggingface_hub would refuse to download anyway

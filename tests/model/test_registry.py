@@ -204,7 +204,10 @@ def test_missing_and_unexpected_counts_and_fc_convolutionalisation():
         "classifier.6.weight": torch.zeros(5, 3),
     }
     tiny = Tiny()
-    assert load_encoder_weights(tiny, state) == (2, 1)  # extra.weight/bias missing; classifier.6 unexpected
+    with pytest.raises(ConfigError, match=r"2 of its 4 tensors are not in the file \(e.g. \['extra.bias'"):
+        load_encoder_weights(tiny, state)  # extra.weight/bias missing
+    tiny.extra = nn.Identity()
+    assert load_encoder_weights(tiny, state) == (2, 1)  # 2 loaded; classifier.6, an ImageNet head, dropped
     x = torch.randn(4, 2, 2, 2)
     torch.testing.assert_close(tiny.classifier(x).flatten(1), linear(x.flatten(1)))
 
@@ -221,6 +224,17 @@ def test_pretrained_false_ignores_encoder_weights_for_checkpoint_rebuilds():
 # ----------------------------------------------------------------------------- named weights, offline
 
 
+def test_a_plain_resnet34_state_dict_into_a_resnet18_is_refused_naming_the_extra_tensors(tmp_path):
+    """Every resnet18 key is in a resnet34 file with the same shape: it used to load with dozens of
+    tensors silently unused."""
+    import segmentation_models_pytorch as smp
+
+    path = tmp_path / "r34.pth"
+    torch.save(smp.encoders.get_encoder("resnet34", weights=None).state_dict(), path)  # a plain state dict
+    with pytest.raises(ConfigError, match=r"resnet18 encoder: \d+ tensors of the file are not in it"):
+        build_arch(ModelConfig(encoder="resnet18", encoder_weights=str(path)))
+
+
 def test_resnet50_file_into_resnet34_fails_clearly(tmp_path):
     import segmentation_models_pytorch as smp
 
@@ -233,3 +247,22 @@ def test_resnet50_file_into_resnet34_fails_clearly(tmp_path):
     assert str(e.value).startswith(f"{path} holds resnet50 encoder weights but model.encoder=resnet34; ")
     with pytest.raises(ConfigError, match="set model.encoder=resnet50, or make resnet34 weights with `make"):
         build_arch(cfg.model)
+
+
+def test_a_local_weights_file_that_does_not_fit_is_refused_by_check_model_before_any_folder(tmp_path):
+    """check_model now fits the file to the encoder on the meta device: a wrong file stops make train before
+    it writes config.yaml and folds.csv (which then made the corrected rerun look like another config)."""
+    import segmentation_models_pytorch as smp
+
+    path = tmp_path / "r34.pth"
+    torch.save(smp.encoders.get_encoder("resnet34", weights=None).state_dict(), path)
+    check_model(Config(model=ModelConfig(encoder="resnet34", encoder_weights=str(path))))  # fits
+    with pytest.raises(ConfigError, match="do not fit the resnet18 encoder"):
+        check_model(Config(model=ModelConfig(encoder="resnet18", encoder_weights=str(path))))
+    with pytest.raises(ConfigError, match="shape mismatches"):
+        check_model(
+            Config(
+                model=ModelConfig(encoder="resnet34", in_channels=4, encoder_weights=str(path)),
+                data=DataConfig(mean=(0.5,) * 4, std=(0.2,) * 4),
+            )
+        )

@@ -70,6 +70,20 @@ def test_threshold_curve_one_line_per_min_area_and_star() -> None:
     assert len(figures.threshold_curve(df).axes[0].collections) == 0  # nothing chosen, nothing starred
 
 
+def test_the_threshold_title_stays_inside_its_figure() -> None:
+    """On one line (`...; chosen (star): threshold 0.50, min_area 256, Dice 0.8340`) it ran 11 px past
+    the right edge of the 600 px figure `make report` writes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    df = pd.DataFrame(
+        [(t, a, 0.8) for t in (0.3, 0.5) for a in (0, 256)], columns=["threshold", "min_area", "dice"]
+    )
+    fig = figures.threshold_curve(df, 0.5, 256)
+    FigureCanvasAgg(fig).draw()
+    box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
 def test_histograms() -> None:
     fig = figures.fraction_histogram(np.array([0.0, 0.0, 0.2, 0.5]))
     (ax,) = fig.axes
@@ -126,3 +140,20 @@ def test_split_grid_draws_the_chosen_tiles(tmp_path: Path) -> None:
     assert [ax.get_title() for ax in fig.axes[::3]] == ["s2.png", "s0.png"]
     with pytest.raises(ValueError, match="this split has none"):
         figures.split_grid(source.test, [0])
+
+
+def test_blend_summary_draws_each_runs_dice_beside_the_blends_and_the_weights() -> None:
+    fig = figures.blend_summary(["a", "b"], [0.8, None], [0.7, 0.3], 0.85, 0.83)
+    dice_ax, weight_ax = fig.axes
+    heights = [p.get_height() for p in dice_ax.patches]
+    assert heights == pytest.approx([0.8, 0.0, 0.85, 0.83])  # b's Dice unknown: an empty bar marked "-"
+    assert [t.get_text() for t in dice_ax.texts] == ["0.8000", "-", "0.8500", "0.8300"]
+    assert [t.get_text() for t in dice_ax.get_xticklabels()] == [
+        "a",
+        "b",
+        "blend\nin-sample",
+        "blend\nnested",
+    ]
+    assert [p.get_height() for p in weight_ax.patches] == pytest.approx([0.7, 0.3])
+    no_nested = figures.blend_summary(["a"], [0.8], [1.0], 0.8)
+    assert len(no_nested.axes[0].patches) == 2  # the run and the blend in-sample

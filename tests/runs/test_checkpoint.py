@@ -8,11 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.core.config import Config, to_dict
+from pipeline.core.config import Config, load_config, save_config, to_dict
 from pipeline.core.io import CheckpointError, save_checkpoint
 from pipeline.runs.checkpoint import (
     BestCheckpoint,
     LastCheckpoint,
+    check_run_config,
     read_best,
     read_last,
     set_postprocessing,
@@ -67,3 +68,16 @@ def test_a_file_of_the_other_kind_or_without_the_keys_is_refused(tmp_path):
     save_checkpoint(tmp_path / "old.pt", state)
     with pytest.raises(CheckpointError, match="lacks threshold, min_area .*re-run make tune"):
         read_best(tmp_path / "old.pt")
+
+
+def test_a_checkpoint_of_another_config_in_a_run_folder_is_refused(tmp_path):
+    save_config(Config(), tmp_path / "config.yaml")
+    (tmp_path / "fold0").mkdir()
+    ok = dataclasses.replace(_best(), config=to_dict(Config()))
+    check_run_config(tmp_path / "fold0/best.pt", ok)  # the run's own: accepted
+    other = dataclasses.replace(_best(), config=to_dict(load_config(None, ["model.arch=FPN"])))
+    with pytest.raises(
+        CheckpointError, match=r"another config than .*config.yaml \(model.arch: 'Unet' -> 'FPN'\)"
+    ):
+        check_run_config(tmp_path / "fold0/best.pt", other)
+    check_run_config(tmp_path / "elsewhere.pt", other)  # not in a run folder: nothing to compare with

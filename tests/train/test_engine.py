@@ -1,11 +1,12 @@
-"""The training engine: one-batch overfit, EMA, gradient clipping, validation."""
+"""The training engine: one-batch overfit, EMA, gradient clipping, signals, BatchNorm statistics, and
+validation (``evaluate``) with known answers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.data.dataset import IMAGE, MASK, SegDataset
+from pipeline.data.dataset import IMAGE, INDEX, MASK, SegDataset
 from pipeline.data.layouts import read_source
 from pipeline.model.losses import build_loss
 from pipeline.model.registry import build_model
@@ -103,9 +104,161 @@ def test_update_bn_gives_the_exact_mean_and_variance_of_one_pass():
     assert net[0].momentum == 0.1 and not net.training
 
 
+class ImageIsLogits(torch.nn.Module):
+    """A fixed "model": the first ``k`` image channels are its logits, so every prediction is chosen."""
+
+    def __init__(self, k: int = 1):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, : self.k].float()
+
+
+def _batches(logits: torch.Tensor, masks: torch.Tensor, sizes: list[int]) -> list[dict]:
+    out, i = [], 0
+    for n in sizes:
+        out.append({IMAGE: logits[i : i + n], MASK: masks[i : i + n], INDEX: torch.arange(i, i + n)})
+        i += n
+    return out
+
+
+def test_evaluate_binary_known_answer():
+    """Three 4x4 tiles, predictions at p = 0.75 (logit ln 3) or 0.25, in batches of 2 and 1:
+    A: truth the top row, predicted with one pixel more (Dice 8/9, IoU 4/5); B: empty and predicted empty
+    (1 and 1, the competition's convention); C: two pixels, none predicted (0 and 0)."""
+    import math
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    from pipeline.core.config import load_config
+    from pipeline.core.device import Dist
+
+    truth = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    truth[0, 0, :] = 1
+    truth[2, 3, 2:] = 1
+    pred = torch.zeros(3, 4, 4, dtype=torch.bool)
+    pred[0, 0, :] = True
+    pred[0, 1, 0] = True
+    logits = torch.where(pred, math.log(3), -math.log(3)).unsqueeze(1).repeat(1, 3, 1, 1)
+    batches = _batches(logits, truth, [2, 1])
+    cfg = load_config(None, ["train.device=cpu"])
+
+    def bce(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(out[:, 0], mask.float())
+
+    cpu = torch.device("cpu")
+    metrics = engine.evaluate(ImageIsLogits(), batches, bce, cfg, cpu, Dist())
+    right, wrong = math.log(4 / 3), math.log(4)  # BCE of a pixel at p = 0.75 on the right / wrong side
+    batch_losses = [(31 * right + wrong) / 32, (14 * right + 2 * wrong) / 16]  # 1 and 2 wrong pixels
+    assert metrics["val_loss"] == pytest.approx((2 * batch_losses[0] + batch_losses[1]) / 3, rel=1e-6)
+    assert metrics["val_dice"] == pytest.approx((8 / 9 + 1 + 0) / 3, rel=1e-6)
+    assert metrics["val_iou"] == pytest.approx((4 / 5 + 1 + 0) / 3, rel=1e-6)
+    assert metrics["val_acc"] == pytest.approx(45 / 48)  # one false positive, two false negatives
+    # The OOF pass: TTA, no loss, and each tile's uint8 round(p * 255) to the sink with its index.
+    got: dict[int, np.ndarray] = {}
+    metrics = engine.evaluate(
+        ImageIsLogits(), batches, bce, cfg, cpu, Dist(), "flip", lambda i, a: got.update(zip(i, a))
+    )
+    assert math.isnan(metrics["val_loss"]) and metrics["val_dice"] == pytest.approx((8 / 9 + 1) / 3, rel=1e-6)
+    assert sorted(got) == [0, 1, 2]
+    for i in range(3):
+        np.testing.assert_array_equal(got[i], np.where(pred[i].numpy(), 191, 64))  # 0.75*255 = 191.25
+
+
+def test_evaluate_multiclass_known_answer():
+    """Two 2x2 images, 3 classes, one void pixel (255): the confusion matrix, truth by prediction, is
+    [[2, 0, 1], [0, 3, 0], [0, 1, 0]], so IoU 2/3, 3/4, 0 and Dice 4/5, 6/7, 0 per class."""
+    import math
+
+    import numpy as np
+
+    from pipeline.core.config import load_config
+    from pipeline.core.device import Dist
+
+    truth = torch.tensor([[[0, 1], [2, 255]], [[1, 1], [0, 0]]], dtype=torch.uint8)
+    pred = torch.tensor([[[0, 1], [1, 2]], [[1, 1], [0, 2]]])
+    logits = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float() * 4
+    cfg = load_config(None, ["train.device=cpu", "model.classes=3", "loss.ignore_index=255"])
+    got: dict[int, np.ndarray] = {}
+    metrics = engine.evaluate(
+        ImageIsLogits(3),
+        _batches(logits, truth, [1, 1]),
+        None,
+        cfg,
+        torch.device("cpu"),
+        Dist(),
+        sink=lambda i, a: got.update(zip(i, a)),
+    )
+    assert math.isnan(metrics["val_loss"])
+    assert metrics["val_miou"] == pytest.approx((2 / 3 + 3 / 4 + 0) / 3)
+    assert metrics["val_acc"] == pytest.approx(5 / 7)
+    assert metrics["val_mean_acc"] == pytest.approx((2 / 3 + 3 / 3 + 0) / 3)
+    assert metrics["val_mdice"] == pytest.approx((4 / 5 + 6 / 7 + 0) / 3)
+    assert metrics["val_fw_iou"] == pytest.approx(3 / 7 * 2 / 3 + 3 / 7 * 3 / 4 + 1 / 7 * 0)
+    np.testing.assert_array_equal(np.stack([got[0], got[1]]), pred.numpy())  # class ids to the OOF file
+
+
 def test_in_last_epochs():
     from pipeline.core.config import Config, TrainConfig
 
     cfg = Config(train=TrainConfig(epochs=5))
     assert [engine.in_last_epochs(e, 2, cfg) for e in range(5)] == [False, False, False, True, True]
     assert not any(engine.in_last_epochs(e, 0, cfg) for e in range(5))
+
+
+class _ProcessGroup(torch.utils.data.Dataset):
+    """Reports, from inside the worker, its process group and what SIGTERM does there."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> tuple[int, bool]:
+        import os
+        import signal
+
+        return os.getpgrp(), signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def test_loader_workers_leave_group_signals_to_the_main_process(tiny_cfg):
+    """A signal to the whole process group (timeout, a terminal's Ctrl-C) must not kill the workers: the
+    main process saves at the end of its step, then the loader stops them. They are in a group of their
+    own, and do not ignore SIGTERM (with which the loader and multiprocessing stop them)."""
+    import os
+
+    loader = engine.make_loader(
+        _ProcessGroup(), tiny_cfg("data.num_workers=1"), torch.device("cpu"), batch_size=1
+    )
+    got = [(int(g), bool(ignored)) for g, ignored in loader]
+    assert all(g != os.getpgrp() for g, _ in got) and not any(ignored for _, ignored in got)
+
+
+EXIT_WITH_LIVE_WORKERS = """
+import torch
+from pipeline.core.config import load_config
+from pipeline.train import engine
+
+class DS(torch.utils.data.Dataset):
+    def __len__(self): return 64
+    def __getitem__(self, i): return torch.zeros(3)
+
+cfg = load_config(None, ["data.num_workers=2"])
+loader = engine.make_loader(DS(), cfg, torch.device("cpu"), batch_size=2)
+with engine.save_on_signal():
+    it = iter(loader)
+    next(it)
+KEEP = [it]  # persistent workers still alive when the interpreter exits
+"""
+
+
+def test_a_process_whose_loader_workers_are_alive_still_exits():
+    """Workers that ignored SIGTERM made every such process hang at exit (the multiprocessing exit
+    handler terminates them with it, then waits): the test suite and a proxy bench never ended."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS], cwd=root, timeout=120)
+    assert done.returncode == 0

@@ -1,9 +1,12 @@
-"""Training: schedule, one-batch overfit, end-to-end k-fold run, resume, determinism, faults."""
+"""pipeline.train.trainer (``make train``): the k-fold run end to end, resume after every kind of kill,
+determinism, DDP on one and two nodes, the run folder's owner and config, SWA, faults. (Schedules:
+tests/core/test_schedule.py; the step and the one-batch overfit: test_engine.py.)"""
 
 from __future__ import annotations
 
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,7 +19,9 @@ import pytest
 import torch
 
 from pipeline.core.config import save_config, to_dict
+from pipeline.core.device import DeviceError
 from pipeline.core.io import load_checkpoint, load_yaml
+from pipeline.data import DataError
 from pipeline.data.layouts import read_source
 from pipeline.model.registry import build_model
 from pipeline.train import engine, trainer
@@ -144,8 +149,12 @@ def test_finished_fold_is_not_retrained(tiny_cfg, capsys):
     cfg = tiny_cfg("train.epochs=1")
     trainer.run(cfg, folds=[0])
     before = (Path(cfg.train.runs_dir) / "tiny/fold0/metrics.csv").read_text()
+    capsys.readouterr()
     trainer.run(cfg, folds=[0])
-    assert "already finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # Once said "resuming at epoch 2, step 0" first; and its OOF file was made again (22 min on a CPU).
+    assert "fold 0: already finished (1 epochs)" in out and "resuming" not in out
+    assert "fold0: oof.npz is up to date (best.pt, flip TTA)" in out, out
     assert (Path(cfg.train.runs_dir) / "tiny/fold0/metrics.csv").read_text() == before
 
 
@@ -363,16 +372,16 @@ def test_ema_weights_are_what_best_pt_holds(tiny_cfg):
 
 
 def _make_train_command(cfg_path: Path, data: str, **make_vars: str) -> list[str]:
-    """The command `make train` runs for these variables (make -n), with torchrun as a module."""
+    """The command `make train` runs for these variables (make -n): the launcher, which becomes torchrun."""
     args = [f"{k}={v}" for k, v in {"CONFIG": str(cfg_path), "FOLDS": "0", "DATA": data, **make_vars}.items()]
     # Under `make test` the outer make's MAKELEVEL/MAKEFLAGS would add "make[1]: ..." lines: drop them.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     cmd = ["make", "--no-print-directory", "-n", "train", *args]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     lines = [ln for ln in out.stdout.replace("\\\n", " ").splitlines() if "-m pipeline.train" in ln]
-    line = lines[-1].split()
-    assert line[0].endswith(".venv/bin/torchrun"), line
-    return [sys.executable, "-m", "torch.distributed.run", *line[1:]]
+    line = shlex.split(lines[-1])
+    assert line[0].endswith(".venv/bin/python") and line[1:3] == ["-m", "pipeline.core.launch"], line
+    return [sys.executable, *line[1:]]
 
 
 def _free_port() -> int:
@@ -474,7 +483,9 @@ def test_another_config_cannot_join_a_run_but_inference_settings_may_change(tiny
         trainer.run(tiny_cfg(*ONE_STEP, "optim.lr=0.01"), folds=[1])
     assert not (run_dir / "fold1").exists()
     trainer.run(tiny_cfg(*ONE_STEP, "infer.thresholds=[0.4,0.6]"), folds=[0, 1])
-    assert len(pd.read_csv(run_dir / "threshold_search.csv")) == 2 * len(tiny_cfg().infer.min_areas)
+    searched = set(pd.read_csv(run_dir / "threshold_search.csv")["threshold"].round(6))
+    # the new grid, not the default's 0.45..0.55 (widened past an edge when the optimum sits there)
+    assert {t for t in searched if 0.4 <= t <= 0.6} == {0.4, 0.6}
     assert load_yaml(run_dir / "config.yaml")["infer"]["thresholds"] == [0.4, 0.6]
 
 
@@ -620,3 +631,40 @@ def test_lovasz_epochs_switch_the_loss_for_the_last_epochs(tiny_cfg, monkeypatch
     cfg = tiny_cfg("train.epochs=3", "loss.lovasz_epochs=1", "train.max_steps_per_epoch=1")
     trainer.run(cfg, folds=[0])
     assert used == [(0.5, 0.5, 0.0), (0.5, 0.5, 0.0), (0.0, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.device=cuda"], "no CUDA GPU is visible"),
+        (["train.batch_size=40"], r"fold 0: \d+ training tiles per process is less than one batch of 40"),
+    ],
+    ids=["no-such-device", "batch-above-a-fold"],
+)
+def test_a_refused_train_writes_nothing_so_the_corrected_rerun_is_not_another_config(
+    tiny_cfg, overrides, message
+):
+    """It used to leave config.yaml and folds.csv, and the corrected command was then refused as a run
+    made with another config."""
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises((engine.TrainingError, DeviceError), match=message):
+        trainer.run(cfg)
+    run_dir = Path(cfg.train.runs_dir) / "tiny"
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+    trainer.run(tiny_cfg("train.max_steps_per_epoch=1", "train.epochs=1"), folds=[0])  # the corrected rerun
+
+
+def test_force_with_bad_data_keeps_the_old_run_where_it_is(tiny_cfg, tmp_path, demo_root):
+    """FORCE=1 used to move the run aside, then fail on the data check, leaving no run at all."""
+    import shutil
+
+    cfg = tiny_cfg("train.max_steps_per_epoch=1", "train.epochs=1")
+    run_dir = trainer.run(cfg, folds=[0])
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_root, broken)
+    (broken / "train" / sorted(p.name for p in (broken / "train").iterdir())[0]).unlink()
+    with pytest.raises(DataError):
+        trainer.run(
+            tiny_cfg("train.max_steps_per_epoch=1", "train.epochs=1", f"data.root={broken}"), force=True
+        )
+    assert (run_dir / "config.yaml").is_file() and not list(run_dir.parent.glob("tiny.old-*"))

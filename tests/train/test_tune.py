@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.core.io import load_checkpoint, load_yaml
 from pipeline.train import trainer, tune
@@ -39,12 +40,17 @@ def test_make_tune_retunes_without_training(trained, capsys):
     last = {p: p.stat().st_mtime_ns for p in run_dir.glob("fold*/last.pt")}
     grid = ["infer.thresholds=[0.2,0.25]", "infer.min_areas=[0,4]"]
     assert tune.main(["--run", str(run_dir), *grid]) == 0
-    assert "oof_dice@tuned" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "oof_dice@tuned" in out
     manifest = load_yaml(run_dir / "manifest.yaml")
-    assert manifest["threshold"] in (0.2, 0.25) and manifest["min_area"] in (0, 4)
+    search = pd.read_csv(run_dir / "threshold_search.csv")
+    assert {(0.2, 0), (0.2, 4), (0.25, 0), (0.25, 4)} <= set(zip(search["threshold"], search["min_area"]))
+    best = search.loc[search["dice"].idxmax()]
+    assert (manifest["threshold"], manifest["min_area"]) == (best["threshold"], best["min_area"])
+    if len(search) > 4:  # the best sat at an edge of the 2 x 2 grid: the search widened it and says so
+        assert "note: the best" in out and manifest["oof"]["widened"]
     # Every checkpoint carries the new values: a single best.pt is self-sufficient.
     assert _checkpoint_values(run_dir) == {(manifest["threshold"], manifest["min_area"])}
-    assert len(pd.read_csv(run_dir / "threshold_search.csv")) == 4
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("fold*/last.pt")} == last, "tuning retrained"
 
 
@@ -56,9 +62,11 @@ def test_make_tune_refuses_training_settings(trained, capsys):
 
 def test_manifest_refuses_checkpoints_of_another_config(trained, capsys):
     """A run's manifest lists only checkpoints of the run's config (the fold aside): a fold trained with
-    another config (here another learning rate, as a fold copied in from another run) is refused, naming it;
-    listed by hand in manifest.yaml it is an explicit ensemble, which submit accepts (issue 12)."""
-    from pipeline.core.io import save_checkpoint
+    another config (here another learning rate, as a fold copied in from another run) is refused, naming it,
+    and every stage that loads the run refuses it too (issue 21: submit used it without a word). Runs are
+    ensembled on purpose by make blend, or by a manifest.yaml in a folder of its own."""
+    from pipeline.core.io import CheckpointError, save_checkpoint
+    from pipeline.infer.ensemble import load_ensemble
     from pipeline.runs.manifest import load_manifest
 
     _, run_dir = trained
@@ -68,9 +76,10 @@ def test_manifest_refuses_checkpoints_of_another_config(trained, capsys):
     before = (run_dir / "manifest.yaml").read_text()
     assert tune.main(["--run", str(run_dir)]) == 2
     err = capsys.readouterr().err
-    assert "fold1/best.pt" in err and "optim.lr: 0.003 -> 0.5" in err and "by hand" in err
+    assert "fold1/best.pt" in err and "optim.lr: 0.003 -> 0.5" in err and "of their own" in err
     assert (run_dir / "manifest.yaml").read_text() == before, "the manifest must not list the stranger"
-    assert load_manifest(run_dir).checkpoints == ("fold0/best.pt", "fold1/best.pt")  # by hand: accepted
+    with pytest.raises(CheckpointError, match="fold1/best.pt was trained with another config"):
+        load_ensemble(load_manifest(run_dir), torch.device("cpu"))
 
 
 def test_tune_without_oof_says_what_to_run(tiny_cfg, tmp_path, capsys):
@@ -160,3 +169,35 @@ def test_tuning_memory_does_not_grow_with_the_tiles(tmp_path):
         assert tuned["n_oof"] == n
     per_tile = (peaks[1200] - peaks[300]) / 900
     assert per_tile < 8 * 1024, f"{per_tile:.0f} bytes a tile: are OOF maps held whole?"
+
+
+def test_an_interrupted_tune_changes_none_of_its_files(trained, monkeypatch, capsys):
+    """Ctrl-C while writing the second best.pt used to leave a new manifest beside old thresholds."""
+    from pipeline.runs import checkpoint
+
+    _, run_dir = trained
+    files = ["manifest.yaml", "threshold_search.csv", "fold0/best.pt", "fold1/best.pt"]
+    before = {f: (run_dir / f).read_bytes() for f in files}
+    real, calls = checkpoint.write_checkpoint, []
+
+    def write_then_interrupt(path, ckpt):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, ckpt)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", write_then_interrupt)
+    assert tune.main(["--run", str(run_dir), "infer.thresholds=[0.6,0.65]", "infer.min_areas=[8]"]) == 130
+    assert {f: (run_dir / f).read_bytes() for f in files} == before
+    assert not [p for p in run_dir.rglob(".*") if p.is_file()], "temp files left behind"
+
+
+def test_tuning_on_data_of_another_tile_size_is_one_line(trained, tmp_path, capsys):
+    """The same tile names at another size used to end in a traceback from the search's shape check."""
+    from pipeline.data.demo import generate
+
+    _, run_dir = trained
+    other = generate(tmp_path / "other", n_train=24, n_test=8, size=96, seed=0)
+    assert tune.main(["--run", str(run_dir), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "the OOF maps are 64x64 but the masks" in err and "96x96" in err
