@@ -87,14 +87,6 @@ def write_mask(path: Path, size: int) -> dict:
     }
 
 
-def _cpu_name() -> str | None:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-
-
 def measure(cmd: list[str]) -> dict:
     """Run ``cmd`` in the repository root; its wall time and peak RSS (``os.wait4``: this child only).
 
@@ -296,7 +288,7 @@ def _write(result: dict) -> int:
         "regularisation on the real masks",
         **{k: v for k, v in previous.items() if k not in ("benchmark", "machine")},  # a part not re-run
         **result,
-        "machine": {**device_info(torch.device("cpu")), "cpu": _cpu_name()},
+        "machine": device_info(torch.device("cpu")),  # the processor named by bench.common.cpu_name
     }
     print(f"-> {write_result('footprints.json', merged)}")
     runs = result.get("runs", [])

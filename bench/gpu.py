@@ -139,12 +139,11 @@ def epochs_that_fit(
 
 
 def _accuracy(ctx: Context, deadline: float, label: str) -> dict:
-    import pandas as pd
-
     from bench.accuracy import evaluate_recipe
     from pipeline.core.config import load_config
     from pipeline.data.folds import resolve_folds
     from pipeline.data.layouts import read_source
+    from pipeline.runs.history import read_metrics
 
     if "full_loop_img_s" not in ctx.rates:
         return {"status": "skipped: no training rate measured (train_speed did not run)"}
@@ -160,7 +159,7 @@ def _accuracy(ctx: Context, deadline: float, label: str) -> dict:
         load_config("configs/default.yaml", over), ctx.tmp / "subs", ctx.device, [0], [("fold0", "d4")]
     )
     seconds = time.monotonic() - t0
-    metrics = pd.read_csv(ctx.tmp / "runs" / f"gpu-{label}-{epochs}e" / "fold0" / "metrics.csv")
+    metrics = read_metrics(ctx.tmp / "runs" / f"gpu-{label}-{epochs}e" / "fold0")
     epoch_s = float(metrics["seconds"].mean())
     ctx.rates.setdefault("epoch_s", epoch_s)
     ctx.rates.setdefault("fixed_s", max(0.0, seconds - float(metrics["seconds"].sum())))

@@ -295,17 +295,12 @@ def _write(scenes: list[dict[str, Any]], results: dict[str, Any], merged: dict[s
         **{k: v for k, v in kept.items() if k in PARTS},  # parts not re-run
         **results,
         "gpu": "scenes per hour per GPU: to be measured (no GPU lent to this task)",
-        "machine": {**device_info(torch.device("cpu")), "cpu": _cpu_name()},
+        "machine": device_info(torch.device("cpu")),  # the processor named by bench.common.cpu_name
     }
     print(f"-> {write_result('scenes.json', result)}")
     e = result.get("two_nodes_equal_kill_and_rerun")  # one thread per process in both: every byte equal
     ok = e is None or (e["mask_bytes_equal"] and e["polygons_equal"] and e["attributes_equal"])
     return 0 if ok and result.get("kill_and_rerun", {}).get("redid_only_the_unfinished", True) else 1
-
-
-def _cpu_name() -> str | None:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 if __name__ == "__main__":

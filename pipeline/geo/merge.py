@@ -61,10 +61,6 @@ class SceneExtent:
         outline = shapely.segmentize(outline, step)
         return gpd.GeoSeries([outline], crs=CRS(self.crs)).to_crs(target).iloc[0]
 
-    def pixel_area(self, target: CRS) -> float:
-        """One pixel's area in ``target``'s units (the mean over the scene)."""
-        return self.polygon(target).area / (self.height * self.width)
-
 
 def common_crs(crss: Sequence[Any]) -> tuple[CRS, str]:
     """The CRS of most scenes (ties: the first listed) and a line saying which and why."""
@@ -178,10 +174,11 @@ def merge_scenes(
         target, note = CRS(crs), f"reprojected to {CRS(crs).to_string()} as asked"
     outlines = [e.polygon(target) for e in extents]
     shapely.prepare(outlines)  # every polygon of a scene is tested against its neighbours' outlines
-    tol = 0.5 * max(np.sqrt(e.pixel_area(target)) for e in extents)  # exact pieces touch: distance 0
+    pixel_area = [o.area / (e.height * e.width) for o, e in zip(outlines, extents)]  # in target's units
+    tol = 0.5 * max(np.sqrt(pixel_area))  # exact pieces touch: distance 0
     parts, candidates = [], []
     for k, frame in enumerate(frames):
-        f = frame.to_crs(target).assign(_scene=k, _pixel_area=extents[k].pixel_area(target))
+        f = frame.to_crs(target).assign(_scene=k, _pixel_area=pixel_area[k])
         near = _near_other_scene(f.geometry.to_numpy(), k, outlines, tol) | f["cut"].to_numpy(bool)
         parts.append(f[~near].assign(pieces=1))
         candidates.append(f[near])
@@ -190,12 +187,13 @@ def merge_scenes(
         geoms = cand.geometry.to_numpy()
         scene = cand["_scene"].to_numpy()
         cut = cand["cut"].to_numpy(bool)
-        depth = np.array([shapely.distance(g, outlines[s].exterior) for g, s in zip(geoms, scene)])
+        exteriors = np.array([o.exterior for o in outlines], dtype=object)
+        depth = shapely.distance(geoms, exteriors[scene])
         a, b = _pairs(geoms, scene, tol)
-        rows = []
+        rows, px_area = [], cand["_pixel_area"].to_numpy()
         for group in components(len(cand), a, b):
             for members, kept in _resolve(group, geoms, scene, cut, depth, tol):
-                rows.append(_attributes(cand, members, kept, cand["_pixel_area"].to_numpy()))
+                rows.append(_attributes(cand, members, kept, px_area))
         parts.append(gpd.GeoDataFrame(rows, geometry="geometry", crs=target) if rows else cand.iloc[:0])
     merged = pd.concat(parts, ignore_index=True).sort_values(
         ["_scene", "id"], kind="stable", ignore_index=True

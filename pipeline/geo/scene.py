@@ -155,12 +155,14 @@ def _open_output(
     src: rasterio.DatasetReader,
     resampling: str = "nearest",
     tags: dict | None = None,
+    cog: bool = True,
 ) -> Iterator[rasterio.io.DatasetWriter | None]:
     """A uint8 band to write row strips into; on success ``path`` is written atomically (None: no output).
 
     GeoTIFFs come out Cloud-Optimised (tiled 256x256, deflate, overviews with ``resampling``), so QGIS
     and web viewers open large scenes fast. COG is a copy-only format: the strips go into a tiled,
-    compressed GeoTIFF in a temporary file first, which GDAL then copies with overviews.
+    compressed GeoTIFF in a temporary file first, which GDAL then copies with overviews; ``cog=False``
+    keeps that tiled GeoTIFF as it is (a file read once by the program, no viewer to serve).
     """
     if not path:
         yield None
@@ -174,28 +176,29 @@ def _open_output(
         # The strips go to a temporary file beside the output (named so a later run removes it if this
         # one is killed), not to memory: memory stays flat in the scene's height. GDAL's block cache
         # is capped for the same reason (its default is 5% of RAM).
-        strips, cog = (temp_beside(Path(path)) for _ in range(2))
+        strips, cog_path = (temp_beside(Path(path)) for _ in range(2))
         try:
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
                 with rasterio.open(strips, "w", **{**profile, "driver": "GTiff"}) as dst:
                     if tags:
                         dst.update_tags(**tags)
                     yield dst
-                with rasterio.open(strips) as tiled, progress(None, f"write {Path(path).name} as COG"):
-                    rasterio.shutil.copy(
-                        tiled,
-                        cog,
-                        driver="COG",
-                        compress="deflate",
-                        blocksize=256,
-                        overview_resampling=resampling,
-                        bigtiff="IF_SAFER",
-                    )
-            with open(cog, "rb") as c:
+                if cog:
+                    with rasterio.open(strips) as tiled, progress(None, f"write {Path(path).name} as COG"):
+                        rasterio.shutil.copy(
+                            tiled,
+                            cog_path,
+                            driver="COG",
+                            compress="deflate",
+                            blocksize=256,
+                            overview_resampling=resampling,
+                            bigtiff="IF_SAFER",
+                        )
+            with open(cog_path if cog else strips, "rb") as c:
                 shutil.copyfileobj(c, f, 1 << 20)
         finally:
             strips.unlink(missing_ok=True)
-            cog.unlink(missing_ok=True)
+            cog_path.unlink(missing_ok=True)
 
 
 def temp_beside(path: Path) -> Path:
@@ -263,6 +266,7 @@ def predict_scene(
     probs_path: str | Path | None = None,
     tags: dict[str, str] | None = None,
     desc: str = "",
+    probs_cog: bool = True,
 ) -> SceneStats:
     """Sliding-window prediction of a large scene into a uint8 mask (or class-id) raster.
 
@@ -283,7 +287,8 @@ def predict_scene(
             ids (``threshold`` and ``foreground`` are not used); 1: binary.
         colors: multi-class only, optional: RGB of each class id, written as the raster's colour table.
         probs_path: binary only, optional ``.tif``: the blended probabilities as uint8 ``round(p * 255)``
-            (a COG like the mask, averaged overviews), e.g. for :mod:`pipeline.infer.footprints` attributes.
+            (a COG like the mask, averaged overviews), e.g. for :mod:`pipeline.infer.footprints` attributes;
+            ``probs_cog=False``: a plain tiled GeoTIFF, for a file read once and deleted.
         tags: GeoTIFF metadata of both outputs (:meth:`MaskTags.to_tags`); ``desc``: the progress lines'
             prefix (default ``predict <scene name>``).
 
@@ -305,7 +310,7 @@ def predict_scene(
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with (
                 _open_output(dst_path, src, tags=tags) as dst,
-                _open_output(probs_path, src, "average", tags) as pdst,
+                _open_output(probs_path, src, "average", tags, probs_cog) as pdst,
             ):
                 if classes > 1 and colors:
                     dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colors)})

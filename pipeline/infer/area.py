@@ -235,8 +235,9 @@ def process(
     t0 = time.monotonic()
     paths = outputs(out, scene.name, setup["format"])
     with_fp = setup["footprints"] is not None
+    probs = paths["probs"] if with_fp else None  # read once for the buildings' attributes: no COG
     stats = predictor.predict(
-        scene.path, paths["mask"], paths["probs"] if with_fp else None, COMMAND, f"{tag} predict {scene.name}"
+        scene.path, paths["mask"], probs, COMMAND, f"{tag} predict {scene.name}", probs_cog=False
     )
     row: dict[str, Any] = {
         "scene": scene.name,

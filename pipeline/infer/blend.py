@@ -223,7 +223,7 @@ def blend_runs(
     per_part = {g: tuple(int(k) for k in candidates[choose(dice, parts != g)]) for g in groups}
     del dice
     cells = Cells(runs, source, steps)
-    base = (sorted({*map(float, cfg.infer.thresholds), 0.5}), sorted({*map(int, cfg.infer.min_areas), 0}))
+    base = postprocess.first_grid(cfg.infer.thresholds, cfg.infer.min_areas, postprocess.UNTUNED)
     cells.count({w: [base] for w in {chosen, *per_part.values()}})  # one pass for every blend to tune
     tile_area = runs[0].shape[0] * runs[0].shape[1]
     result, notes = tune_blend(cells, chosen, everything, cfg.infer, tile_area)

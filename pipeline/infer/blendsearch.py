@@ -35,7 +35,7 @@ from pipeline.data.masks import release_pages
 from pipeline.metrics import postprocess
 from pipeline.metrics.pixel import dice_from_counts
 from pipeline.runs.manifest import Manifest
-from pipeline.runs.oof import OOF_KEYS, oof_chunks
+from pipeline.runs.oof import OOF_KEYS, oof_chunks, oof_truths
 
 MAX_CANDIDATES = 100  # weight vectors scored: float32 [100, 9, 30k] per-tile Dice is 108 MB
 FINEST = 10  # weight steps of 0.1 where the candidates fit
@@ -114,12 +114,10 @@ def _read(
         for parts in zip(*streams):
             names = parts[0][0]
             try:
-                truths = source.train.select(
-                    names, f"OOF tiles of {runs[0].oof[fold]}: is DATA the runs' data?"
-                )
+                truths = oof_truths(source, names, parts[0][1], runs[0].oof[fold], check_size=True)
             except DataError as e:
                 raise BlendError(str(e)) from None
-            truth = np.asarray(truths.masks) != 0  # a copy: the pages can go
+            truth = np.asarray(truths) != 0  # a copy: the pages can go
             release_pages(source.train.masks)  # a scan of every mask must not keep them resident
             yield fold, names, [a for _, a in parts], truth
 
@@ -259,6 +257,6 @@ def tune_blend(
     them: the grid of ``infer``, widened at an edge, (0.5, 0) counted too."""
     counter = cells.counter(weights, tiles)
     result, _, notes = postprocess.search_extending(
-        counter, infer.thresholds, infer.min_areas, tile_area, [(0.5, 0)]
+        counter, infer.thresholds, infer.min_areas, tile_area, postprocess.UNTUNED
     )
     return result, notes

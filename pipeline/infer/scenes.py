@@ -110,8 +110,10 @@ class ScenePredictor:
         probs_out: str | Path | None = None,
         command: str = COMMAND,
         desc: str = "",
+        probs_cog: bool = True,
     ) -> scene_mod.SceneStats:
-        """Predict ``scene`` into the mask ``out`` (and binary runs' probabilities ``probs_out``)."""
+        """Predict ``scene`` into the mask ``out`` (and binary runs' probabilities ``probs_out``, a COG
+        unless ``probs_cog`` is False)."""
         infer = self.manifest.infer
         return scene_mod.predict_scene(
             scene,
@@ -126,6 +128,7 @@ class ScenePredictor:
             probs_path=probs_out,
             tags=self.tags(scene, command).to_tags(),
             desc=desc,
+            probs_cog=probs_cog,
         )
 
 

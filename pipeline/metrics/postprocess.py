@@ -29,10 +29,12 @@ __all__ = [
     "SearchResult",
     "best_of",
     "binarize",
+    "first_grid",
     "mean_dice_at",
     "remove_small_components",
     "search_extending",
     "search_threshold",
+    "UNTUNED",
 ]
 
 _DEFAULTS = InferConfig()
@@ -311,6 +313,20 @@ def widen_min_areas(grid: Sequence[int], best: int, max_area: int) -> list[int]:
 Counter = Callable[[list[tuple[list[float], list[int]]]], list[np.ndarray]]
 
 
+UNTUNED = ((0.5, 0),)  # the rule before tuning: counted beside every search for the @0.5 figures
+
+
+def first_grid(
+    thresholds: Sequence[float], min_areas: Sequence[int], extra: Sequence[tuple[float, int]] = ()
+) -> tuple[list[float], list[int]]:
+    """The grid of :func:`search_extending`'s first pass: the starting grid with the ``extra`` cells'
+    values added (a pass counted beforehand on it is all the first pass needs)."""
+    return (
+        sorted({*(float(t) for t in thresholds), *(float(t) for t, _ in extra)}),
+        sorted({*(int(a) for a in min_areas), *(int(a) for _, a in extra)}),
+    )
+
+
 def search_extending(
     count: Counter,
     thresholds: Sequence[float],
@@ -335,8 +351,7 @@ def search_extending(
         edge of a grid is usually past it.
     """
     thr, areas = sorted({float(t) for t in thresholds}), sorted({int(a) for a in min_areas})
-    first_t = sorted({*thr, *(float(t) for t, _ in extra)})
-    first_a = sorted({*areas, *(int(a) for _, a in extra)})
+    first_t, first_a = first_grid(thresholds, min_areas, extra)
     cells = _cells(first_t, first_a, count([(first_t, first_a)])[0])
     notes: list[str] = []
     for passes in range(MAX_WIDENINGS + 1):

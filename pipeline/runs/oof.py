@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.io import atomic_write, atomic_write_text
+from pipeline.data import DataError
+from pipeline.data.layouts import Source
 from pipeline.runs import RunError
 
 OOF_KEYS = {True: "probs", False: "labels"}  # oof.npz array by task (binary?): probabilities, class ids
@@ -204,3 +206,19 @@ def oof_chunks(path: str | Path, key: str, chunk: int = 64) -> Iterator[tuple[li
             if len(buf) != n * row:
                 raise RunError(f"{path}: '{key}' ends early (truncated file); retrain this fold")
             yield names[start : start + n], np.frombuffer(buf, dtype=dtype).reshape(n, *shape[1:])
+
+
+def oof_truths(source: Source, names: Sequence[str], maps: np.ndarray, path: Path, check_size: bool) -> Any:
+    """The truth masks [n, H, W] of an OOF chunk's tiles ``names``, from the data being tuned on.
+
+    Raises DataError naming ``path`` when a tile is not in that data or (``check_size``: binary maps;
+    multi-class ones may be crops) the maps [n, H, W] are not the masks' size: the data is not the run's.
+    """
+    truths = source.train.select(names, f"OOF tiles of {path}: is DATA the run's data?").masks
+    if check_size and np.shape(truths)[1:] != maps.shape[1:]:
+        raise DataError(
+            f"{path}: the OOF maps are {maps.shape[1]}x{maps.shape[2]} but the masks of "
+            f"{source.train.image_paths[0].parent} are {np.shape(truths)[1]}x{np.shape(truths)[2]}; "
+            "is DATA the data the run was trained on? (make tune RUN=... DATA=<its data>)"
+        )
+    return truths

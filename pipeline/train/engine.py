@@ -210,7 +210,7 @@ def check_fold_sizes(
     cfg: Config, folds_df: pd.DataFrame, folds: Sequence[int], world: int, n_pseudo: int = 0
 ) -> None:
     """Refuse folds that cannot train before anything is written: each fold needs validation tiles and,
-    per process, at least one batch of training tiles (its sampler's ``ceil(n / world)``)."""
+    per process, at least one batch of training tiles (its sampler's ``n // world``: it drops the rest)."""
     counts = folds_df["fold"].value_counts()
     for fold in folds:
         n_val = int(counts.get(fold, 0))
@@ -220,7 +220,7 @@ def check_fold_sizes(
                 f"fold {fold} has {n_train} training and {n_val} validation tiles; "
                 f"folds.csv has folds {sorted(counts.index.tolist())}"
             )
-        per_process = -(-n_train // world)
+        per_process = n_train // world  # as ResumableSampler (drop_last) and make_plan count them
         if per_process < cfg.train.batch_size:
             raise TrainingError(
                 f"fold {fold}: {per_process} training tiles per process is less than one batch of "

@@ -35,7 +35,7 @@ from pipeline.runs.checkpoint import check_run_config, read_best, set_postproces
 from pipeline.runs.folder import run_lock
 from pipeline.runs.history import best_scores, monitor_key
 from pipeline.runs.manifest import Manifest, latest_run, write_manifest, write_search
-from pipeline.runs.oof import OOF_KEYS, oof_chunks, oof_files, oof_names
+from pipeline.runs.oof import OOF_KEYS, oof_chunks, oof_files, oof_names, oof_truths
 
 
 class TuneError(BuildsegError, RuntimeError):
@@ -55,16 +55,9 @@ def iter_oof(run_dir: Path, source: Source, binary: bool) -> Iterator[tuple[int,
         for fold, path in files.items():
             for names, arr in oof_chunks(path, OOF_KEYS[binary]):
                 try:
-                    truths = source.train.select(names, f"OOF tiles of {path}: is DATA the run's data?").masks
+                    truths = oof_truths(source, names, arr, path, check_size=binary)
                 except DataError as e:
                     raise TuneError(str(e)) from None
-                if binary and np.shape(truths)[1:] != arr.shape[1:]:  # multi-class OOF may be crops
-                    raise TuneError(
-                        f"{path}: the OOF maps are {arr.shape[1]}x{arr.shape[2]} but the masks of "
-                        f"{source.train.image_paths[0].parent} are "
-                        f"{np.shape(truths)[1]}x{np.shape(truths)[2]}; is DATA the data the run was trained "
-                        "on? (make tune RUN=... DATA=<its data>)"
-                    )
                 yield fold, arr, truths
                 release_pages(source.train.masks)  # a scan of every mask must not keep them resident
                 bar.update(len(names))
@@ -79,8 +72,9 @@ def _counter(run_dir: Path, source: Source, folds: list[int]) -> postprocess.Cou
         try:
             n = 0
             for fold, probs, truths in iter_oof(run_dir, source, binary=True):
+                truths = np.asarray(truths)  # once per chunk, not once per grid
                 for tally in tallies:
-                    tally.add(probs, np.asarray(truths), first=n)
+                    tally.add(probs, truths, first=n)
                 n += len(probs)
                 if len(folds) < n:
                     folds.extend([fold] * len(probs))
@@ -101,8 +95,9 @@ def tune_binary(cfg: Config, source: Source, run_dir: Path) -> dict[str, Any]:
     """
     folds: list[int] = []
     tile_area = int(np.prod(source.train.masks[0].shape))
+    counter, infer = _counter(run_dir, source, folds), cfg.infer
     result, cells, notes = postprocess.search_extending(
-        _counter(run_dir, source, folds), cfg.infer.thresholds, cfg.infer.min_areas, tile_area, [(0.5, 0)]
+        counter, infer.thresholds, infer.min_areas, tile_area, postprocess.UNTUNED
     )
     folds_arr = np.asarray(folds)
     at_half, tuned = cells[0.5, 0], cells[result.threshold, result.min_area]

@@ -210,3 +210,10 @@ def test_predict_scene_takes_a_blend_like_its_run(trained, tmp_path):
     ]
     with rasterio.open(outs[0]) as x, rasterio.open(outs[1]) as y:
         np.testing.assert_array_equal(x.read(), y.read())
+
+
+def test_a_blend_on_data_of_another_tile_size_says_so(two_runs, tmp_path):
+    """The OOF maps are checked against DATA's masks as make tune checks them (once an IndexError)."""
+    other = _data(tmp_path / "other", size=2 * S)
+    with pytest.raises(BlendError, match=r"the OOF maps are 16x16 but the masks of .* are 32x32"):
+        blend_runs(list(two_runs), tmp_path / "runs" / "ab", data=str(other), overrides=GRID)

@@ -90,6 +90,11 @@ def _write_scene(path: Path, rgb: np.ndarray) -> None:
         dst.write(rgb.transpose(2, 0, 1))
 
 
+def _cli(run: Path, scene: Path, out: Path) -> list[str]:
+    """``python -m pipeline.infer.scenes`` arguments for one scene."""
+    return ["--run", str(run), "--scene", str(scene), "--out", str(out)]
+
+
 def test_predict_scene_multiclass_writes_class_ids_with_the_run_colours(multiclass_run, tmp_path):
     """make predict-scene on a multi-class run: argmax class ids (not a thresholded background channel)."""
     rgb, ids = _scene()
@@ -166,12 +171,7 @@ def test_predict_scene_refuses_to_overwrite_its_input(
     _red_scene(tmp_path / "scene.tif")
     before = (tmp_path / "scene.tif").read_bytes()
     for out in (tmp_path / "scene.tif", tmp_path / "." / "scene.tif"):
-        assert (
-            scenes.main(
-                ["--run", str(binary_run.path), "--scene", str(tmp_path / "scene.tif"), "--out", str(out)]
-            )
-            == 2
-        )
+        assert scenes.main(_cli(binary_run.path, tmp_path / "scene.tif", out)) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 2 and "is the input scene" in err and "Traceback" not in err
     assert (tmp_path / "scene.tif").read_bytes() == before and binary_run.calls == []
@@ -207,19 +207,7 @@ def test_bad_scenes_and_outputs_are_one_line_before_any_model(
         "ok.tif": ("m.jpg", "m.jpg: output must be .tif/.tiff (GeoTIFF) or .png"),
     }
     for scene, (out, message) in cases.items():
-        assert (
-            scenes.main(
-                [
-                    "--run",
-                    str(binary_run.path),
-                    "--scene",
-                    str(tmp_path / scene),
-                    "--out",
-                    str(tmp_path / out),
-                ]
-            )
-            == 2
-        )
+        assert scenes.main(_cli(binary_run.path, tmp_path / scene, tmp_path / out)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert binary_run.calls == [] and not list(tmp_path.glob("m.*"))
@@ -231,15 +219,7 @@ def test_the_mask_carries_the_run_and_the_end_line_says_what_was_written(
     """The mask's tags hold the run's post-processing; the last line gives size, CRS, building share and
     time; replacing an existing output says so and who wrote it."""
     truth = _red_scene(tmp_path / "scene.tif")
-    args = [
-        "--run",
-        str(binary_run.path),
-        "--scene",
-        str(tmp_path / "scene.tif"),
-        "--out",
-        str(tmp_path / "m.tif"),
-    ]
-    assert scenes.main(args) == 0
+    assert scenes.main(_cli(binary_run.path, tmp_path / "scene.tif", tmp_path / "m.tif")) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     share = 100 * truth.mean()
     assert line.startswith(
@@ -250,7 +230,7 @@ def test_the_mask_carries_the_run_and_the_end_line_says_what_was_written(
     tags = MaskTags.read(tmp_path / "m.tif")
     assert (tags.run, tags.threshold, tags.min_area, tags.tta, tags.classes) == ("red", 0.5, 12, "none", 1)
     assert tags.command == "make predict-scene" and tags.scene == "scene.tif"
-    assert scenes.main(args) == 0
+    assert scenes.main(_cli(binary_run.path, tmp_path / "scene.tif", tmp_path / "m.tif")) == 0
     assert f"note: replacing {tmp_path / 'm.tif'} (make predict-scene (run red))" in capsys.readouterr().err
 
 
@@ -278,15 +258,7 @@ def test_every_phase_prints_a_line_in_a_log(
         scene_mod.rasterio.shutil, "copy", lambda *a, **k: (progress_mod.beat(), copy(*a, **k))[1]
     )
     _red_scene(tmp_path / "scene.tif")
-    args = [
-        "--run",
-        str(binary_run.path),
-        "--scene",
-        str(tmp_path / "scene.tif"),
-        "--out",
-        str(tmp_path / "m.tif"),
-    ]
-    assert scenes.main(args) == 0
+    assert scenes.main(_cli(binary_run.path, tmp_path / "scene.tif", tmp_path / "m.tif")) == 0
     err = capsys.readouterr().err
     assert "load red (1 checkpoints):" in err
     windows = [ln for ln in err.splitlines() if ln.startswith("predict scene.tif: ")]

@@ -262,3 +262,17 @@ def test_a_process_whose_loader_workers_are_alive_still_exits():
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS], cwd=root, timeout=120)
     assert done.returncode == 0
+
+
+def test_fold_sizes_count_tiles_per_process_as_the_sampler_does():
+    """9 training tiles on 2 processes: the sampler (drop_last) gives each 4, less than a batch of 5; the
+    check once rounded up to 5 and let a run of 0-step epochs through."""
+    import pandas as pd
+
+    from pipeline.core.config import Config, TrainConfig
+
+    folds = pd.DataFrame({"name": [f"t{i}" for i in range(10)], "fold": [0] + [1] * 9})
+    cfg = Config(train=TrainConfig(batch_size=5))
+    engine.check_fold_sizes(cfg, folds, [0], world=1)  # 9 tiles, one process: a batch
+    with pytest.raises(engine.TrainingError, match="fold 0: 4 training tiles per process is less than one"):
+        engine.check_fold_sizes(cfg, folds, [0], world=2)
