@@ -136,3 +136,22 @@ def demo_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
     run = write_synthetic_run(tmp / "runs" / "demo", demo_root)
     sub = write_submission(tmp / "submissions" / "demo-none-20250101-000000.csv", demo_root)
     return DemoRun(demo_root, run, sub)
+
+
+@pytest.fixture
+def simulated_progress(monkeypatch):
+    """``use(clock)``: pipeline.core.progress reads ``clock`` (simulated time) and prints log lines (no
+    bar) into a log of phases of its own, with no heartbeat thread: the test calls ``progress.beat()``
+    where the thread would. A fresh log, not a reset one: a heartbeat thread an earlier test started
+    beats the log it was started on, and on a slow machine it would print extra lines into this test's."""
+
+    from pipeline.core import progress
+
+    def use(clock) -> None:
+        monkeypatch.setattr(progress, "clock", clock)
+        monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0)
+        monkeypatch.setattr(progress, "LOG", progress._Log())
+        monkeypatch.delenv("BUILDSEG_PROGRESS", raising=False)
+        monkeypatch.delenv("BUILDSEG_LOG_SECONDS", raising=False)
+
+    return use

@@ -75,13 +75,9 @@ def _costly(monkeypatch, obj, name: str, clock: SimulatedTime, seconds: float) -
 
 
 @pytest.fixture
-def log(monkeypatch, tmp_path):
+def log(monkeypatch, tmp_path, simulated_progress):
     clock, lines = SimulatedTime(), []
-    monkeypatch.setattr(progress, "clock", clock)
-    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0)  # SimulatedTime.spend beats instead
-    monkeypatch.setattr(progress, "LOG", progress._Log())
-    monkeypatch.delenv("BUILDSEG_PROGRESS", raising=False)
-    monkeypatch.delenv("BUILDSEG_LOG_SECONDS", raising=False)
+    simulated_progress(clock)  # SimulatedTime.spend beats where the heartbeat thread would
     _costly(monkeypatch, check, "inspect_image", clock, 3)  # check_data decodes every tile
     _costly(monkeypatch, dataset, "read_image", clock, 2)  # training, validation, OOF and submit read tiles
     _costly(monkeypatch, SegModel, "forward", clock, 70)  # one batch through the model on a CPU

@@ -16,11 +16,9 @@ class FakeClock:
 
 
 @pytest.fixture
-def clock(monkeypatch) -> FakeClock:
+def clock(simulated_progress) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(progress_mod, "clock", fake)
-    monkeypatch.setattr(progress_mod, "HEARTBEAT_SECONDS", 0)  # the test calls beat() itself
-    monkeypatch.setattr(progress_mod, "LOG", progress_mod._Log())
+    simulated_progress(fake)  # the test calls beat() where the heartbeat thread would
     return fake
 
 

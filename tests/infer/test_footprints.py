@@ -465,7 +465,7 @@ def test_a_class_id_mask_is_refused(tmp_path: Path) -> None:
         footprints.mask_options(tmp_path / "ids.tif", VectorizeOptions(), None)
 
 
-def test_every_phase_prints_a_line_in_a_log(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_every_phase_prints_a_line_in_a_log(tmp_path: Path, capsys, monkeypatch, simulated_progress) -> None:
     """Output to a file, simulated time: every window read, the outlines and the write each print a
     progress line when a minute has passed (the heartbeat stands in for the thread)."""
     from pipeline.core import progress as progress_mod
@@ -476,9 +476,7 @@ def test_every_phase_prints_a_line_in_a_log(tmp_path: Path, capsys, monkeypatch)
         now[0] += 61.0  # a minute passes between any two looks at the clock
         return now[0]
 
-    monkeypatch.setattr(progress_mod, "clock", clock)
-    progress_mod.LOG.reset()
-    monkeypatch.delenv("BUILDSEG_PROGRESS", raising=False)
+    simulated_progress(clock)
     write = footprints.WRITERS["GPKG"]
     monkeypatch.setitem(footprints.WRITERS, "GPKG", lambda *a: (progress_mod.beat(), write(*a))[1])
     write_tif(tmp_path / "m.tif", _mask())

@@ -235,7 +235,7 @@ def test_the_mask_carries_the_run_and_the_end_line_says_what_was_written(
 
 
 def test_every_phase_prints_a_line_in_a_log(
-    binary_run: SimpleNamespace, tmp_path: Path, capsys, monkeypatch
+    binary_run: SimpleNamespace, tmp_path: Path, capsys, monkeypatch, simulated_progress
 ) -> None:
     """Output to a file, simulated time: loading the models, every batch of windows and the COG copy each
     print a progress line when a minute has passed (the heartbeat stands in for the thread)."""
@@ -248,9 +248,7 @@ def test_every_phase_prints_a_line_in_a_log(
         now[0] += 61.0  # a minute passes between any two looks at the clock
         return now[0]
 
-    monkeypatch.setattr(progress_mod, "clock", clock)
-    progress_mod.LOG.reset()  # its quiet timer now reads the simulated clock
-    monkeypatch.delenv("BUILDSEG_PROGRESS", raising=False)
+    simulated_progress(clock)
     load = scenes.load_ensemble
     monkeypatch.setattr(scenes, "load_ensemble", lambda *a: (progress_mod.beat(), load(*a))[1])
     copy = scene_mod.rasterio.shutil.copy
