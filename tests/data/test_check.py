@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import shutil
-import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -411,14 +410,12 @@ def test_require_clean_prints_warnings(tmp_path: Path, capsys: pytest.CaptureFix
 # ----------------------------------------------------------------------------- real data
 
 
-def test_real_data_is_clean_and_fast() -> None:
+def test_real_data_is_clean() -> None:
+    """(How fast the check is, at 1k to 30k tiles, is bench/scale_stages.py's to measure.)"""
     root = real_data_or_skip()
-    t0 = time.perf_counter()
     report = check_dataset(root)
-    seconds = time.perf_counter() - t0
     assert report.ok and not report.warnings, report.format()
     assert any("448 rows" in s for s in report.summary) and any("112 rows" in s for s in report.summary)
-    assert seconds < 10, f"checking {root} took {seconds:.1f}s"
 
 
 def test_non_square_tiles_set_the_expected_size(tmp_path: Path) -> None:
