@@ -31,10 +31,11 @@ def scene(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 def write_tif(
     path: Path, bands: np.ndarray, crs: CRS | None = CRS_UTM, transform: Affine = TRANSFORM
 ) -> None:
-    """Write [H, W] or [H, W, C] uint8 as a striped GeoTIFF (like Inria's)."""
+    """Write [H, W] or [H, W, C] (uint8, or another dtype a test means to refuse) as a striped GeoTIFF
+    (like Inria's)."""
     data = bands[None] if bands.ndim == 2 else np.moveaxis(bands, -1, 0)
     profile = dict(
-        driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0], dtype="uint8"
+        driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0], dtype=data.dtype.name
     )
     with rasterio.open(path, "w", crs=crs, transform=transform, **profile) as dst:
         dst.write(data)

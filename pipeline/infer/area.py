@@ -257,7 +257,12 @@ def process(
 
 
 def run_rank(
-    a: argparse.Namespace, scenes: Sequence[Scene], setup: dict[str, Any], opts: VectorizeOptions, d: Dist
+    a: argparse.Namespace,
+    manifest: Manifest,
+    scenes: Sequence[Scene],
+    setup: dict[str, Any],
+    opts: VectorizeOptions,
+    d: Dist,
 ) -> list[dict[str, Any]]:
     """This rank's scenes, one after the other; a scene that fails is recorded and the next one starts."""
     from rasterio.errors import RasterioError
@@ -268,7 +273,7 @@ def run_rank(
     if not scenes:
         print(f"{tag}: no scene to predict", file=sys.stderr, flush=True)
         return []
-    predictor = ScenePredictor(a.run, a.tta, a.device, d)
+    predictor = ScenePredictor(manifest, a.tta, a.device, d)
     pixels = sum(s.height * s.width for s in scenes)
     n = f"{len(scenes)} scene{'s' if len(scenes) > 1 else ''}"
     print(f"{tag}: {n}, {pixels / 1e6:,.2f} Mpx", file=sys.stderr, flush=True)
@@ -377,7 +382,7 @@ def run_area(a: argparse.Namespace, d: Dist) -> int:
     if group is not None:
         dist.broadcast_object_list(shared, src=0, group=group)
     job = shared[0]
-    rows = run_rank(a, job["ranks"][d.rank], setup, opts, d)
+    rows = run_rank(a, manifest, job["ranks"][d.rank], setup, opts, d)
     gathered = [rows] if group is None else [None] * d.world
     if group is not None:
         dist.gather_object(rows, gathered if d.main else None, dst=0, group=group)

@@ -126,13 +126,24 @@ def output_driver(path: str | Path) -> str:
     return driver
 
 
-def _ogr_bytes(frame: gpd.GeoDataFrame, driver: str, layer: str, **extra: Any) -> bytes:
-    buf = io.BytesIO()
+def _write_ogr(
+    frame: gpd.GeoDataFrame, target: Path | io.BytesIO, driver: str, layer: str, **extra: Any
+) -> None:
+    """``frame`` as the layer ``layer`` of ``target`` (a file, or bytes in memory) through pyogrio."""
     geometry_type = None if len(frame) else "Polygon"  # an empty layer still needs a geometry type
     with warnings.catch_warnings():
         if frame.crs is None:  # a plain PNG/JPEG mask: pixel coordinates, said by summary(); no warning
             warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
-        pyogrio.write_dataframe(frame, buf, layer=layer, driver=driver, geometry_type=geometry_type, **extra)
+        # a copy's name ends in .tmp (so a killed run's copy is cleaned up): GDAL notes the suffix
+        warnings.filterwarnings("ignore", "File .* non conformant file extension", RuntimeWarning)
+        pyogrio.write_dataframe(
+            frame, target, layer=layer, driver=driver, geometry_type=geometry_type, **extra
+        )
+
+
+def _ogr_bytes(frame: gpd.GeoDataFrame, driver: str, layer: str, **extra: Any) -> bytes:
+    buf = io.BytesIO()
+    _write_ogr(frame, buf, driver, layer, **extra)
     return buf.getvalue()
 
 
@@ -145,13 +156,7 @@ def _write_gpkg(frame: gpd.GeoDataFrame, path: Path, layer: str) -> None:
     copy = temp_beside(path)
     try:
         shutil.copyfile(path, copy)
-        with warnings.catch_warnings():
-            if frame.crs is None:
-                warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
-            # the copy's name ends in .tmp (so a killed run's copy is cleaned up): GDAL notes the suffix
-            warnings.filterwarnings("ignore", "File .* non conformant file extension", RuntimeWarning)
-            geometry_type = None if len(frame) else "Polygon"
-            pyogrio.write_dataframe(frame, copy, layer=layer, driver="GPKG", geometry_type=geometry_type)
+        _write_ogr(frame, copy, "GPKG", layer)
         with atomic_write(path) as f, open(copy, "rb") as src:
             shutil.copyfileobj(src, f, 1 << 20)
     finally:
@@ -348,7 +353,7 @@ def footprints_from_scene(
     mask_path, probs_path = sidecar_paths(out)
     check_outputs(scene, [mask_path, probs_path])
     inspect_scene(scene)
-    ScenePredictor(run, tta, device).predict(scene, mask_path, probs_path, command="make footprints")
+    ScenePredictor(manifest, tta, device).predict(scene, mask_path, probs_path, command="make footprints")
     return vectorize_raster(mask_path, probs_path, Path(scene).stem, options)
 
 

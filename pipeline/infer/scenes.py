@@ -53,13 +53,16 @@ class ScenePredictor:
     """A run's ensemble, loaded once, and what it writes into every scene mask.
 
     Args:
-        run: run folder or its ``manifest.yaml``. tta: a TTA set for every model, every run of a blend
-            included (default: the manifest's; a blend's runs then keep their own).
+        run: run folder, its ``manifest.yaml``, or the :class:`Manifest` a caller already read.
+        tta: a TTA set for every model, every run of a blend included (default: the manifest's; a
+            blend's runs then keep their own).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (under torchrun, ``cuda`` is the rank's GPU).
     """
 
-    def __init__(self, run: str | Path, tta: str | None = None, device: str = "auto", d: Dist | None = None):
-        manifest = load_manifest(run)
+    def __init__(
+        self, run: str | Path | Manifest, tta: str | None = None, device: str = "auto", d: Dist | None = None
+    ):
+        manifest = run if isinstance(run, Manifest) else load_manifest(run)
         self.tta = check_tta(tta or manifest.infer.tta)
         # A set asked for applies to every run of a blend, as in make submit (else each run keeps its own).
         self.manifest: Manifest = with_tta(manifest, self.tta) if tta else manifest

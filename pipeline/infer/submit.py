@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import ConfigError, DataConfig, InferConfig, TrainConfig
+from pipeline.core.config import ConfigError, DataConfig, InferConfig
 from pipeline.core.device import pick_device
 from pipeline.core.errors import cli
 from pipeline.core.io import atomic_write, check_free_space, check_writable, remove_stale_temps
@@ -67,13 +67,15 @@ def predict_and_encode(
     batch_size: int = InferConfig.batch_size,
     num_workers: int = DataConfig.num_workers,
     max_images: int = MAX_IMAGES,
-    amp: str = TrainConfig.amp,
+    amp: str | None = None,
 ) -> list[tuple[str, str]]:
     """(name, rle) for every tile of ``split`` in order: the hot path of ``make submit``.
 
     Post-processing and RLE encoding run in a thread pool while the next batch is on the device
     (cv2 and numpy release the GIL), so they overlap the forward passes instead of following them.
-    ``amp`` is the run's ``train.amp``: the precision its OOF pass, and so its threshold, used.
+    ``amp``: None, each model in its own run's ``train.amp`` (the precision its OOF pass, and so its
+    threshold, used), as every other caller of :func:`pipeline.infer.ensemble.predict_batch`; a
+    precision for all models (benchmarks).
     """
     encoded: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -152,7 +154,7 @@ def make_submission(
     dev = pick_device(device)
     if tta:  # asked for: every run of a blend predicts with it, not only those of the blend's own set
         manifest = with_tta(manifest, tta)
-    models, run_cfg = load_ensemble(manifest, dev)
+    models, _ = load_ensemble(manifest, dev)
     tta_name = tta or manifest.infer.tta
     rows = predict_and_encode(
         models,
@@ -164,7 +166,6 @@ def make_submission(
         batch_size or manifest.infer.batch_size,
         num_workers,
         manifest.infer.max_images,
-        run_cfg.train.amp,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(out_dir) / f"{manifest.name}-{tta_label(manifest, tta_name)}-{stamp}.csv"

@@ -322,23 +322,13 @@ def test_demo_data_bad_arguments_are_one_line(tmp_path, capsys, argv, message):
 
 def test_make_tiles_of_a_single_band_scene_is_one_line(tmp_path, capsys):
     import numpy as np
-    import rasterio
     from rasterio.transform import from_origin
+    from synthetic_scenes import write_tif
 
     for folder in ("images", "gt"):
         (tmp_path / folder).mkdir()
-        with rasterio.open(
-            tmp_path / folder / "s.tif",
-            "w",
-            driver="GTiff",
-            height=64,
-            width=64,
-            count=1,
-            dtype="uint8",
-            crs="EPSG:32631",
-            transform=from_origin(0, 64, 1, 1),
-        ) as dst:
-            dst.write(np.zeros((1, 64, 64), np.uint8))
+        band = np.zeros((64, 64), np.uint8)
+        write_tif(tmp_path / folder / "s.tif", band, transform=from_origin(0, 64, 1, 1))
     argv = [
         "make-tiles",
         "--images",

@@ -187,9 +187,9 @@ def test_with_tta_gives_every_run_of_a_blend_the_set_asked_for(blend_of_two_runs
 
 
 def test_every_prediction_from_a_run_is_in_the_runs_precision_and_memory_layout(tmp_path):
-    """predict, pseudo and predict-scene pass no precision: the models load_ensemble rebuilt bring their
-    run's train.amp (bf16 here, on CPU too) and train.channels_last, as the OOF pass used them; once
-    they predicted in float32 whatever the run's OOF pass and tuned threshold had used."""
+    """predict, pseudo, predict-scene and submit pass no precision: the models load_ensemble rebuilt
+    bring their run's train.amp (bf16 here, on CPU too) and train.channels_last, as the OOF pass used
+    them; once they predicted in float32 whatever the run's OOF pass and tuned threshold had used."""
     cfg = load_config(None, [*TINY_OVERRIDES, "name=bf16", "train.amp=bf16", "train.channels_last=true"])
     torch.manual_seed(0)
     model = build_model(cfg, pretrained=False).eval()

@@ -17,6 +17,7 @@ import pytest
 import rasterio
 import torch
 from rasterio.transform import from_origin
+from synthetic_scenes import write_tif
 
 from pipeline.core.config import ConfigError, load_config
 from pipeline.geo import GeoError
@@ -76,18 +77,7 @@ def multiclass_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _write_scene(path: Path, rgb: np.ndarray) -> None:
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        height=rgb.shape[0],
-        width=rgb.shape[1],
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32631",
-        transform=from_origin(500000.0, 4500000.0, 0.5, 0.5),
-    ) as dst:
-        dst.write(rgb.transpose(2, 0, 1))
+    write_tif(path, rgb, transform=from_origin(500000.0, 4500000.0, 0.5, 0.5))
 
 
 def _cli(run: Path, scene: Path, out: Path) -> list[str]:
@@ -184,17 +174,7 @@ def test_bad_scenes_and_outputs_are_one_line_before_any_model(
 ) -> None:
     """Single-band and 16-bit scenes, an unknown output suffix: one line each, found before any model."""
     rgb = _scene()[0]
-    with rasterio.open(
-        tmp_path / "u16.tif",
-        "w",
-        driver="GTiff",
-        height=150,
-        width=200,
-        count=3,
-        dtype="uint16",
-        crs="EPSG:32631",
-    ) as dst:
-        dst.write(rgb.transpose(2, 0, 1).astype(np.uint16) * 100)
+    _write_scene(tmp_path / "u16.tif", rgb.astype(np.uint16) * 100)
     _write_scene(tmp_path / "ok.tif", rgb)
     with (
         rasterio.open(tmp_path / "ok.tif") as src,

@@ -183,6 +183,7 @@ def test_predict_scene_with_a_trained_run(tiny_run, tmp_path):
     """make predict-scene: a synthetic GeoTIFF scene, CRS and transform preserved, output a 0/1 mask."""
     import rasterio
     from rasterio.transform import from_origin
+    from synthetic_scenes import write_tif
 
     from pipeline.infer.scenes import predict_scene_file
 
@@ -192,18 +193,7 @@ def test_predict_scene_with_a_trained_run(tiny_run, tmp_path):
     scene = np.concatenate([np.concatenate(tiles[:3], 1), np.concatenate(tiles[3:6], 1)], 0)[:100, :150]
     src = tmp_path / "scene.tif"
     transform = from_origin(500000.0, 4500000.0, 0.5, 0.5)
-    with rasterio.open(
-        src,
-        "w",
-        driver="GTiff",
-        height=100,
-        width=150,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32631",
-        transform=transform,
-    ) as dst:
-        dst.write(scene.transpose(2, 0, 1))
+    write_tif(src, scene, transform=transform)
     manifest = load_manifest(run)
     infer = dataclasses.replace(
         manifest.infer, tta="none", threshold=0.5, tile_size=64, overlap=16, batch_size=4
